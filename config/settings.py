@@ -1,0 +1,121 @@
+"""Settings as frozen dataclasses.
+
+Rules: pure data. The only code that reads the environment is :mod:`config.loader`.
+Secret fields are declared with ``field(repr=False)`` and exposed only through :class:`Secret`,
+whose ``repr``/``str`` never show the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+
+class Secret:
+    """A string that never shows itself in ``repr()``, ``str()`` or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    CONSOLE = "console"
+
+
+@dataclass(frozen=True, slots=True)
+class RestartSettings:
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_restarts: int = 5
+    period_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSettings:
+    raw_capacity: int = 256
+    rows_capacity: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    url: Secret | None = None  # DATABASE_URL; None means "start the embedded server"
+    embedded_dir: Path = Path("var/postgres")
+    embedded_port: int = 0  # 0: pick a free loopback port at start
+    name: str = "portfolio_engine"
+    batch_max_rows: int = 5000
+    batch_max_delay_ms: float = 50.0
+    buffer_max_rows: int = 100_000
+    spool_dir: Path = Path("var/spool")
+    spool_max_bytes: int = 1 << 30
+    retention_days: int = 30
+    partitions_ahead_days: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class IbkrSettings:
+    gateway_url: str = "https://localhost:5000"
+    accounts: tuple[str, ...] = ()  # empty: every account the gateway reports
+    ca_file: Path | None = None
+    verify_tls: bool = True
+    session_cookie: Secret | None = None  # IBKR_SESSION: the gateway's `api` cookie, if already known
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.session_cookie is not None or self.gateway_url != IbkrSettings.gateway_url
+
+
+@dataclass(frozen=True, slots=True)
+class TastytradeSettings:
+    client_secret: Secret | None = None
+    refresh_token: Secret | None = None
+    api_url: str = "https://api.tastyworks.com"
+    accounts: tuple[str, ...] = ()
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.client_secret is not None and self.refresh_token is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorSettings:
+    seed: int = 42
+    rate_hz: float = 2.0  # updates per contract per second
+    positions: int = 0  # 0: the default book; N: scale each broker's book to about N contracts
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.JSON
+    var_dir: Path = Path("var")
+    status_file: Path = Path("var/status.json")
+    status_interval_s: float = 1.0
+    shutdown_timeout_s: float = 10.0
+    simulate: bool = False
+    restart: RestartSettings = field(default_factory=RestartSettings)
+    channels: ChannelSettings = field(default_factory=ChannelSettings)
+    db: DatabaseSettings = field(default_factory=DatabaseSettings)
+    ibkr: IbkrSettings = field(default_factory=IbkrSettings)
+    tastytrade: TastytradeSettings = field(default_factory=TastytradeSettings)
+    sim: SimulatorSettings = field(default_factory=SimulatorSettings)
