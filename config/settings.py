@@ -74,15 +74,15 @@ class DatabaseSettings:
 
 @dataclass(frozen=True, slots=True)
 class IbkrSettings:
-    gateway_url: str = "https://localhost:5000"
+    gateway_url: str | None = None  # IBKR_GATEWAY_URL; set means live (your Client Portal gateway)
     accounts: tuple[str, ...] = ()  # empty: every account the gateway reports
     ca_file: Path | None = None
     verify_tls: bool = True
     session_cookie: Secret | None = None  # IBKR_SESSION: the gateway's `api` cookie, if already known
 
     @property
-    def has_credentials(self) -> bool:
-        return self.session_cookie is not None or self.gateway_url != IbkrSettings.gateway_url
+    def live(self) -> bool:
+        return self.gateway_url is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +93,7 @@ class TastytradeSettings:
     accounts: tuple[str, ...] = ()
 
     @property
-    def has_credentials(self) -> bool:
+    def live(self) -> bool:
         return self.client_secret is not None and self.refresh_token is not None
 
 
@@ -113,9 +113,23 @@ class Settings:
     status_interval_s: float = 1.0
     shutdown_timeout_s: float = 10.0
     simulate: bool = False
+    brokers: tuple[str, ...] = ("ibkr", "tastytrade")
     restart: RestartSettings = field(default_factory=RestartSettings)
     channels: ChannelSettings = field(default_factory=ChannelSettings)
     db: DatabaseSettings = field(default_factory=DatabaseSettings)
     ibkr: IbkrSettings = field(default_factory=IbkrSettings)
     tastytrade: TastytradeSettings = field(default_factory=TastytradeSettings)
     sim: SimulatorSettings = field(default_factory=SimulatorSettings)
+
+    def broker_mode(self, broker: str) -> str:
+        """``live`` when the broker has credentials and simulation is not forced, else ``simulated``."""
+        if self.simulate:
+            return "simulated"
+        live = {"ibkr": self.ibkr.live, "tastytrade": self.tastytrade.live}.get(broker, False)
+        return "live" if live else "simulated"
+
+    @property
+    def mode(self) -> str:
+        """``live`` only when every enabled broker is live: any simulated data makes it ``simulated``."""
+        live = all(self.broker_mode(b) == "live" for b in self.brokers)
+        return "live" if live else "simulated"

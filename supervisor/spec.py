@@ -5,7 +5,7 @@ Rules: pure data. The supervisor turns these into running tasks; nothing here do
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -44,7 +44,7 @@ class Intensity:
     period_s: float = 60.0
 
 
-RunFn = Callable[["ActorContext", "TaskStatus[None]"], Awaitable[None]]
+RunFn = Callable[["ActorContext", "TaskStatus[None]"], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,9 +128,7 @@ def overall_status(registry: StatusRegistry) -> Overall:
     sources = [a for a in actors if a.source]
     if sources and all(a.state is not ActorState.RUNNING for a in sources):
         return Overall.DOWN
-    if registry.degraded or any(
-        a.state not in (ActorState.RUNNING, ActorState.STOPPED) for a in actors
-    ):
+    if registry.degraded or any(a.state not in (ActorState.RUNNING, ActorState.STOPPED) for a in actors):
         return Overall.DEGRADED
     return Overall.OK
 

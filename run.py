@@ -1,0 +1,176 @@
+"""Streaming Greeks engine: command line and composition root.
+
+    python run.py [run] [--simulate] [--env-file PATH]   run the engine until SIGINT/SIGTERM
+    python run.py status [--json] [--file PATH]         print the status file (exit 0 ok, 1 degraded, 2 down)
+
+Wiring lives here and only here: the supervisor knows no broker, the actors know no supervisor
+internals. Exit codes: 0 clean stop, 1 fatal error, 2 bad configuration or not healthy (status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from config.loader import ConfigError, load_env, load_settings
+from config.settings import Settings
+
+STALE_AFTER_S = 10.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from config.loader import VARIABLES
+
+    env_help = "\n".join(f"  {name:<27} {desc} [default: {default}]" for name, (default, desc) in VARIABLES.items())
+    parser = argparse.ArgumentParser(
+        prog="python run.py",
+        description="Stream live option Greeks from IBKR and Tastytrade into PostgreSQL. "
+        "Without broker credentials both brokers are simulated; without DATABASE_URL an embedded "
+        "PostgreSQL is started under VAR_DIR.",
+        epilog="environment (also read from .env; the environment wins):\n" + env_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run_p = sub.add_parser("run", help="run the engine (the default command)")
+    for p in (parser, run_p):
+        p.add_argument("--simulate", action="store_true", help="force the broker simulators (SIMULATE=true)")
+        p.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file (default .env)")
+    status_p = sub.add_parser(
+        "status",
+        help="print engine health; exit 0 ok, 1 degraded, 2 down/stopped/missing/stale",
+        description="Read the status file. Exit code: 0 ok, 1 degraded, 2 down, stopping, stopped, "
+        f"or file missing or older than {STALE_AFTER_S:g} s.",
+    )
+    status_p.add_argument("--json", action="store_true", help="print the raw JSON document")
+    status_p.add_argument("--file", type=Path, help="status file (default STATUS_FILE)")
+    status_p.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file (default .env)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- status command
+
+
+def _parse_iso(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def status_command(args: argparse.Namespace, now: float | None = None) -> int:
+    env = load_env(args.env_file)
+    if args.file is not None:
+        path = args.file
+    else:
+        try:
+            path = load_settings(env).status_file
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+    now = time.time() if now is None else now
+    try:
+        doc: dict[str, Any] = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        print(f"status: down (no status file at {path}; is the engine running?)")
+        return 2
+    except (OSError, orjson.JSONDecodeError) as exc:
+        print(f"status: down (unreadable status file {path}: {exc})")
+        return 2
+    status = str(doc.get("status", "down"))
+    try:
+        age = now - _parse_iso(str(doc["updated_at"]))
+    except (KeyError, ValueError):
+        age = float("inf")
+    stale = age > STALE_AFTER_S and status not in ("stopped",)
+    code = {"ok": 0, "degraded": 1}.get(status, 2)
+    if stale:
+        code = 2
+    if args.json:
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+        return code
+    print(_human_status(doc, age, stale))
+    return code
+
+
+def _human_status(doc: dict[str, Any], age: float, stale: bool) -> str:
+    lines = [
+        f"status: {doc.get('status')}" + (f"  (STALE: updated {age:.0f} s ago)" if stale else ""),
+        f"mode: {doc.get('mode')}   pid: {doc.get('pid')}   started: {doc.get('started_at')}",
+    ]
+    if reasons := doc.get("degraded_reasons"):
+        lines.append("degraded: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
+    lines.append(f"{'actor':<16}{'state':<12}{'restarts':>9}{'events':>12}{'last event':>12}  last error")
+    for name, a in sorted(doc.get("actors", {}).items()):
+        last = a.get("last_event_age_s")
+        lines.append(
+            f"{name:<16}{a.get('state', '?'):<12}{a.get('restarts', 0):>9}{a.get('events_total', 0):>12}"
+            f"{'-' if last is None else f'{last:.1f} s ago':>12}  {a.get('last_error') or ''}"
+        )
+    if channels := doc.get("channels"):
+        lines.append(
+            "channels: " + ", ".join(f"{n} {c['used']}/{c['capacity']}" for n, c in channels.items())
+        )
+    if writer := doc.get("writer"):
+        lat = writer.get("latency_ms", {})
+        lines.append(
+            f"writer: db {writer.get('db')}, rows {writer.get('rows_total')}, "
+            f"batches {writer.get('batches_total')}, "
+            f"spool {writer.get('spool_rows')} rows, latency p50 {lat.get('p50')} p99 {lat.get('p99')} "
+            f"max {lat.get('max')} ms"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- run command
+
+
+def run_command(args: argparse.Namespace) -> int:
+    env = load_env(args.env_file)
+    if args.simulate:
+        env["SIMULATE"] = "true"
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    from actors.engine import live_unavailable, run_engine
+
+    if (variable := live_unavailable(settings)) is not None:
+        print(
+            f"config error: {variable}: live streaming from this broker is not available in this "
+            "version yet; unset its credentials or pass --simulate",
+            file=sys.stderr,
+        )
+        return 2
+    from config.logging import configure_logging, get_logger
+
+    configure_logging(settings.log_level, settings.log_format)
+    import anyio
+
+    from supervisor.errors import FatalError
+
+    try:
+        return anyio.run(run_engine, settings, backend="asyncio")
+    except FatalError as exc:
+        get_logger(actor="engine").critical("engine_failed", error=str(exc))
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "status":
+        return status_command(args)
+    return run_command(args)
+
+
+__all__ = ["Settings", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The supervision tree: one anyio task group, one restart loop per actor, channels, status.
+
+Generic: it knows actor specs, restart policies, channels and the status registry, never a broker.
+
+Lifecycle
+- ``run()`` opens the channels, starts the status ticker, then each actor in spec order with
+  ``await tg.start(...)``: the next actor starts once the previous one called
+  ``task_status.started()`` (or its first attempt failed, so a broken actor never blocks its
+  siblings).
+- Each actor runs in its own cancel scope; a crash is caught in its own restart loop and never
+  reaches the task group, so siblings are untouched.
+- ``request_stop()`` (SIGINT/SIGTERM, or a :class:`FatalError`) drains in reverse order: source
+  actors (no inputs) are cancelled; every other actor is awaited until its inputs end
+  (``EndOfStream`` once all upstream send ends are closed) so queued items are processed, bounded by
+  ``shutdown_timeout_s``; after an actor stops, the supervisor closes its own original send end of
+  each channel the actor fed once no live producer remains.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from supervisor.context import ActorContext
+from supervisor.errors import FatalError
+from supervisor.policy import next_delay
+from supervisor.spec import ActorSpec, ChannelSpec, Restart
+from supervisor.status import (
+    ActorState,
+    Overall,
+    StatusRegistry,
+    render_status,
+    write_status_file,
+)
+
+SleepFn = Callable[[float], Awaitable[None]]
+
+
+class StartTimeoutError(Exception):
+    """An actor attempt did not call ``task_status.started()`` within ``start_timeout_s``."""
+
+
+class _StartedFlag(TaskStatus[None]):
+    """The ``task_status`` handed to an attempt: ``started()`` sets an event."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+    def started(self, value: None = None) -> None:
+        self.event.set()
+
+
+@dataclass(slots=True)
+class _Runner:
+    spec: ActorSpec
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    stopping: bool = False
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The most meaningful exception inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        fatal = exc.subgroup(lambda e: isinstance(e, FatalError))
+        group = fatal if fatal is not None else exc
+        exc = group.exceptions[0]
+    return exc
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` for the status file's ``last_error``."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Supervisor:
+    """Run ``specs`` joined by ``channels`` until stopped; see the module docstring."""
+
+    def __init__(
+        self,
+        specs: Sequence[ActorSpec],
+        channels: Sequence[ChannelSpec],
+        registry: StatusRegistry,
+        *,
+        status_file: Path | None = None,
+        status_interval_s: float = 1.0,
+        shutdown_timeout_s: float = 10.0,
+        sleep: SleepFn = anyio.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+        handle_signals: bool = False,
+        critical: Sequence[str] = (),
+    ) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate actor names in {names}")
+        known = {c.name for c in channels}
+        for spec in specs:
+            for ch in (*spec.inputs, *spec.outputs):
+                if ch not in known:
+                    raise ValueError(f"actor {spec.name!r} names unknown channel {ch!r}")
+        self.specs = list(specs)
+        self.registry = registry
+        self.status_file = status_file
+        self.status_interval_s = status_interval_s
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._sleep = sleep
+        self._monotonic = monotonic
+        self._handle_signals = handle_signals
+        self.log = structlog.get_logger().bind(actor="supervisor")
+        self.exit_code = 0
+        self.fatal_error: BaseException | None = None
+        self._stop = anyio.Event()
+        self._status_dirty = anyio.Event()
+        self._runners = {s.name: _Runner(s) for s in self.specs}
+        self._senders: dict[str, MemoryObjectSendStream[Any]] = {}
+        self._receivers: dict[str, MemoryObjectReceiveStream[Any]] = {}
+        self._channel_specs = list(channels)
+        for spec in self.specs:
+            registry.add_actor(
+                spec.name,
+                critical=spec.name in critical,
+                source=not spec.inputs and bool(spec.outputs),
+            )
+        registry.channel_stats = self.channel_statistics
+        registry.on_change = self._mark_dirty
+
+    # ----------------------------------------------------------------- public API
+
+    def request_stop(self, exit_code: int | None = None) -> None:
+        """Begin the drain; the first non-``None`` exit code wins."""
+        if exit_code is not None and self.exit_code == 0:
+            self.exit_code = exit_code
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def channel_statistics(self) -> dict[str, dict[str, int]]:
+        stats: dict[str, dict[str, int]] = {}
+        for name, send in self._senders.items():
+            s = send.statistics()
+            cap = s.max_buffer_size
+            stats[name] = {
+                "used": s.current_buffer_used,
+                "capacity": -1 if math.isinf(cap) else int(cap),
+                "waiting_senders": s.tasks_waiting_send,
+                "waiting_receivers": s.tasks_waiting_receive,
+            }
+        return stats
+
+    async def run(self) -> int:
+        """Run the tree until stopped and drained. Returns the process exit code."""
+        with ExitStack() as stack:
+            for ch in self._channel_specs:
+                send, receive = anyio.create_memory_object_stream[Any](ch.capacity)
+                self._senders[ch.name] = stack.enter_context(send)
+                self._receivers[ch.name] = stack.enter_context(receive)
+            self.log.info("supervisor_started", actors=[s.name for s in self.specs])
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._status_ticker)
+                if self._handle_signals:
+                    tg.start_soon(self._signal_watcher)
+                for spec in self.specs:
+                    if self.stopping:
+                        break
+                    await tg.start(self._supervise, self._runners[spec.name])
+                await self._stop.wait()
+                await self._drain()
+                tg.cancel_scope.cancel()
+        self.registry.set_phase(Overall.STOPPED)
+        self.write_status()
+        self.log.info("supervisor_stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def write_status(self) -> None:
+        if self.status_file is None:
+            return
+        try:
+            write_status_file(self.status_file, render_status(self.registry, self.registry.clock()))
+        except OSError as exc:
+            self.log.warning("status_write_failed", path=str(self.status_file), error=describe(exc))
+
+    # ------------------------------------------------------------------ internals
+
+    def _mark_dirty(self) -> None:
+        self._status_dirty.set()
+
+    async def _status_ticker(self) -> None:
+        while True:
+            self.write_status()
+            with anyio.move_on_after(self.status_interval_s):
+                await self._status_dirty.wait()
+            self._status_dirty = anyio.Event()
+
+    async def _signal_watcher(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.stopping:
+                    self.log.warning("second_signal_forcing_exit", signal=signal.Signals(signum).name)
+                    for runner in self._runners.values():
+                        runner.scope.cancel()
+                    continue
+                self.log.info("stop_requested", signal=signal.Signals(signum).name)
+                self.request_stop()
+
+    async def _supervise(self, runner: _Runner, *, task_status: TaskStatus[None]) -> None:
+        spec = runner.spec
+        reg = self.registry
+        restarts: deque[float] = deque()
+        reported = False
+        attempt = 0
+
+        def report_started() -> None:
+            nonlocal reported
+            if not reported:
+                reported = True
+                task_status.started()
+
+        with runner.scope:
+            try:
+                while True:
+                    attempt += 1
+                    reg.set_state(spec.name, ActorState.STARTING)
+                    error: BaseException | None = None
+                    try:
+                        await self._attempt(runner, attempt, report_started)
+                    except FatalError as exc:
+                        reg.set_state(spec.name, ActorState.STOPPED, error=describe(exc))
+                        self.log.error("actor_fatal", name=spec.name, error=describe(exc))
+                        self.fatal_error = exc
+                        self.request_stop(exc.exit_code)
+                        return
+                    except Exception as exc:
+                        error = exc
+                        reg.set_state(spec.name, reg.actors[spec.name].state, error=describe(exc))
+                        self.log.error(
+                            "actor_crashed",
+                            name=spec.name,
+                            attempt=attempt,
+                            error=describe(exc),
+                            exc_info=exc,
+                        )
+                    finally:
+                        report_started()
+                    if runner.stopping or self.stopping:
+                        return
+                    if spec.restart is Restart.TEMPORARY or (
+                        spec.restart is Restart.TRANSIENT and error is None
+                    ):
+                        self.log.info("actor_ended", name=spec.name, restart=spec.restart.value)
+                        return
+                    now = self._monotonic()
+                    restarts.append(now)
+                    while restarts and now - restarts[0] > spec.intensity.period_s:
+                        restarts.popleft()
+                    failed = len(restarts) > spec.intensity.max_restarts
+                    delay = next_delay(spec.backoff, len(restarts), failed=failed)
+                    reg.count_restart(spec.name)
+                    reg.set_state(spec.name, ActorState.FAILED if failed else ActorState.RESTARTING)
+                    self.log.warning(
+                        "actor_restarting",
+                        name=spec.name,
+                        delay_s=round(delay, 3),
+                        restarts_in_window=len(restarts),
+                        failed=failed,
+                        returned=error is None,
+                    )
+                    await self._sleep(delay)
+                    if runner.stopping or self.stopping:
+                        return
+            finally:
+                reg.set_state(spec.name, ActorState.STOPPED)
+                runner.done.set()
+                self._close_finished_channels()
+
+    async def _attempt(self, runner: _Runner, attempt: int, on_running: Callable[[], None]) -> None:
+        """One attempt: clone channel ends, run, translate its failure into one exception."""
+        spec = runner.spec
+        flag = _StartedFlag()
+        with ExitStack() as stack:
+            ctx = ActorContext(
+                name=spec.name,
+                attempt=attempt,
+                receivers={n: stack.enter_context(self._receivers[n].clone()) for n in spec.inputs},
+                senders={n: stack.enter_context(self._senders[n].clone()) for n in spec.outputs},
+                log=structlog.get_logger().bind(actor=spec.name, **spec.meta),
+                registry=self.registry,
+            )
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(spec.run, ctx, flag)
+                    timeout = spec.start_timeout_s if spec.start_timeout_s is not None else math.inf
+                    with anyio.move_on_after(timeout) as scope:
+                        await flag.event.wait()
+                    if scope.cancelled_caught:
+                        raise StartTimeoutError(f"{spec.name} did not start within {timeout:g} s")
+                    self.registry.set_state(spec.name, ActorState.RUNNING)
+                    on_running()
+            except Exception as exc:
+                raise _unwrap(exc) from None
+
+    def _close_finished_channels(self) -> None:
+        """Close the supervisor's send end of every channel whose producers have all stopped."""
+        for name, send in self._senders.items():
+            producers = [r for r in self._runners.values() if name in r.spec.outputs]
+            if producers and all(r.done.is_set() for r in producers):
+                send.close()
+
+    async def _drain(self) -> None:
+        self.registry.set_phase(Overall.STOPPING)
+        self.log.info("drain_started")
+        for spec in reversed(self.specs):
+            runner = self._runners[spec.name]
+            runner.stopping = True
+            if runner.done.is_set():
+                continue
+            state = self.registry.actors[spec.name].state
+            self.registry.set_state(spec.name, ActorState.STOPPING)
+            if not spec.inputs or state is not ActorState.RUNNING:
+                # Sources stop reading now; an actor waiting out a backoff has nothing to drain.
+                runner.scope.cancel()
+            with anyio.move_on_after(self.shutdown_timeout_s) as scope:
+                await runner.done.wait()
+            if scope.cancelled_caught:
+                self.log.warning("actor_drain_timeout", name=spec.name, timeout_s=self.shutdown_timeout_s)
+                runner.scope.cancel()
+                await runner.done.wait()
+        self.log.info("drain_finished")
