@@ -1,0 +1,194 @@
+"""`python run.py` as a user runs it: a subprocess, JSON logs, a status file, SIGTERM, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def engine_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TT_", "IBKR_", "SIM_"))}
+    env.pop("DATABASE_URL", None)
+    env.update(
+        VAR_DIR=str(tmp_path / "var"),
+        STATUS_INTERVAL_S="0.2",
+        SIM_RATE_HZ="5",
+        LOG_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
+    if url := os.environ.get("TEST_DATABASE_URL"):
+        env["DATABASE_URL"] = url
+    env.update(extra)
+    return env
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def wait_for(predicate: Any, timeout: float, proc: subprocess.Popen[bytes]) -> Any:
+    """Poll a condition on another process's output (files are the only event we can observe)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(
+                f"engine exited early with {proc.returncode}:\n{out.decode()[-3000:]}\n{err.decode()[-3000:]}"
+            )
+        time.sleep(0.05)
+    proc.kill()
+    out, err = proc.communicate()
+    pytest.fail(f"condition not met in {timeout} s:\n{out.decode()[-3000:]}\n{err.decode()[-3000:]}")
+
+
+def run_status(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "run.py", "status", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.postgres
+def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> None:
+    env = engine_env(tmp_path, TT_UNUSED_SECRET="x")
+    status_file = tmp_path / "var" / "status.json"
+    proc = subprocess.Popen(
+        [sys.executable, "run.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+
+        def healthy() -> dict[str, Any] | None:
+            doc = read_status(status_file)
+            if doc and doc["status"] == "ok" and doc["actors"]["writer"]["events_total"] > 0:
+                return doc
+            return None
+
+        doc = wait_for(healthy, 90, proc)
+        assert doc["mode"] == "simulated"
+        assert doc["pid"] == proc.pid
+        assert set(doc["actors"]) == {"ibkr", "tastytrade", "normalizer", "writer"}
+        for actor in doc["actors"].values():
+            assert actor["state"] == "running"
+            assert actor["restarts"] == 0
+        assert doc["channels"]["raw"]["capacity"] == 256
+        assert doc["channels"]["rows"]["capacity"] == 256
+        assert doc["brokers"] == {"ibkr": "simulated", "tastytrade": "simulated"}
+        assert doc["writer"]["db"] == "connected"
+
+        human = run_status(env=env)
+        assert human.returncode == 0, human.stdout + human.stderr
+        assert human.stdout.startswith("status: ok")
+        raw = run_status("--json", env=env)
+        assert raw.returncode == 0
+        assert json.loads(raw.stdout)["pid"] == proc.pid
+
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    events = [line["event"] for line in lines]
+    for line in lines:
+        assert {"timestamp", "level", "event"} <= set(line)
+        datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).astimezone(UTC)
+    assert "simulated_data" in events
+    assert "stop_requested" in events
+    assert events[-1] == "supervisor_stopped"
+    assert [line for line in lines if line["level"] in ("error", "critical")] == []
+    final = read_status(status_file)
+    assert final is not None
+    assert final["status"] == "stopped"
+    assert all(a["state"] == "stopped" for a in final["actors"].values())
+    assert run_status(env=env).returncode == 2  # stopped
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "STATUS_INTERVAL_S",
+            "abc",
+            "config error: STATUS_INTERVAL_S (got 'abc'): expected a number > 0 and <= 3600",
+        ),
+        (
+            "DATABASE_URL",
+            "postgresql://me:hunter2@db:notaport/x",
+            "config error: DATABASE_URL: expected a PostgreSQL URL such as "
+            "postgresql://user:password@host:5432/dbname (value not shown)",
+        ),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(tmp_path: Path, variable: str, value: str, message: str) -> None:
+    env = engine_env(tmp_path, **{variable: value})
+    result = subprocess.run(
+        [sys.executable, "run.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [message]
+    assert result.stdout == ""
+    assert "hunter2" not in result.stderr
+
+
+@pytest.mark.integration
+def test_status_exit_codes(tmp_path: Path) -> None:
+    env = engine_env(tmp_path)
+    path = tmp_path / "var" / "status.json"
+    missing = run_status(env=env)
+    assert missing.returncode == 2
+    assert "no status file" in missing.stdout
+    path.parent.mkdir(parents=True)
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    base = {"mode": "simulated", "pid": 1, "started_at": now, "updated_at": now, "actors": {}, "channels": {}}
+    for status, code in [("ok", 0), ("degraded", 1), ("down", 2), ("stopping", 2), ("stopped", 2)]:
+        path.write_text(json.dumps({**base, "status": status}))
+        result = run_status(env=env)
+        assert result.returncode == code, (status, result.stdout)
+        assert result.stdout.startswith(f"status: {status}")
+    path.write_text(json.dumps({**base, "status": "ok", "updated_at": "2020-01-01T00:00:00Z"}))
+    stale = run_status(env=env)
+    assert stale.returncode == 2
+    assert "STALE" in stale.stdout
+    other = tmp_path / "elsewhere.json"
+    other.write_text(json.dumps({**base, "status": "degraded"}))
+    assert run_status("--file", str(other), env=env).returncode == 1
+
+
+@pytest.mark.integration
+def test_help_documents_every_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0
+    for word in ("run", "status", "--simulate", "--env-file", "STATUS_FILE", "DATABASE_URL"):
+        assert word in out.stdout
+    status_help = subprocess.run(
+        [sys.executable, "run.py", "status", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert "--json" in status_help.stdout
+    assert "exit code" in status_help.stdout.lower()
