@@ -156,14 +156,21 @@ async def test_supervisor_writes_status_file_on_state_change(tmp_path: Path) -> 
         tg.start_soon(sup.run)
         with anyio.fail_after(5):
             await crashed.wait()
-            while not path.exists() or json.loads(path.read_text())["actors"]["ibkr"]["state"] != "restarting":
+            while (
+                not path.exists() or json.loads(path.read_text())["actors"]["ibkr"]["state"] != "restarting"
+            ):
                 await anyio.sleep(0)
         doc = json.loads(path.read_text())
         assert doc["status"] == "down"  # the only source is down
         assert doc["actors"]["ibkr"]["restarts"] == 1
         assert doc["actors"]["ibkr"]["events_total"] == 3
         assert doc["actors"]["ibkr"]["last_error"] == "TransientError: feed dropped"
-        assert doc["channels"]["raw"] == {"used": 0, "capacity": 8, "waiting_senders": 0, "waiting_receivers": 0}
+        assert doc["channels"]["raw"] == {
+            "used": 0,
+            "capacity": 8,
+            "waiting_senders": 0,
+            "waiting_receivers": 0,
+        }
         release.set()
         with anyio.fail_after(5):
             while json.loads(path.read_text())["status"] != "ok":

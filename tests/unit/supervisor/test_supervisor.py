@@ -48,7 +48,13 @@ def make_supervisor(
     fake = fake or FakeTime()
     registry = StatusRegistry(mode="simulated", clock=lambda: 1_700_000_000.0)
     sup = Supervisor(
-        specs, channels or [], registry, sleep=fake.sleep, monotonic=fake.monotonic, shutdown_timeout_s=5, **kw
+        specs,
+        channels or [],
+        registry,
+        sleep=fake.sleep,
+        monotonic=fake.monotonic,
+        shutdown_timeout_s=5,
+        **kw,
     )
     return sup, registry, fake
 
@@ -123,7 +129,9 @@ async def test_intensity_exceeded_marks_failed_while_sibling_keeps_producing() -
 
     specs = [
         ActorSpec("consumer", consumer, inputs=("c",)),
-        ActorSpec("flaky", always_fails, Restart.PERMANENT, NO_JITTER, Intensity(max_restarts=3, period_s=60)),
+        ActorSpec(
+            "flaky", always_fails, Restart.PERMANENT, NO_JITTER, Intensity(max_restarts=3, period_s=60)
+        ),
         ActorSpec("producer", producer, outputs=("c",)),
     ]
     sup, registry, fake = make_supervisor(specs, [ChannelSpec("c", 4)], fake)
