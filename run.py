@@ -28,7 +28,9 @@ STALE_AFTER_S = 10.0
 def build_parser() -> argparse.ArgumentParser:
     from config.loader import VARIABLES
 
-    env_help = "\n".join(f"  {name:<27} {desc} [default: {default}]" for name, (default, desc) in VARIABLES.items())
+    env_help = "\n".join(
+        f"  {name:<27} {desc} [default: {default}]" for name, (default, desc) in VARIABLES.items()
+    )
     parser = argparse.ArgumentParser(
         prog="python run.py",
         description="Stream live option Greeks from IBKR and Tastytrade into PostgreSQL. "

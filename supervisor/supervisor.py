@@ -53,13 +53,16 @@ class StartTimeoutError(Exception):
 
 
 class _StartedFlag(TaskStatus[None]):
-    """The ``task_status`` handed to an attempt: ``started()`` sets an event."""
+    """The ``task_status`` handed to an attempt: ``started()`` marks it running at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_started: Callable[[], None]) -> None:
         self.event = anyio.Event()
+        self._on_started = on_started
 
     def started(self, value: None = None) -> None:
-        self.event.set()
+        if not self.event.is_set():
+            self.event.set()
+            self._on_started()
 
 
 @dataclass(slots=True)
@@ -219,6 +222,7 @@ class Supervisor:
     async def _supervise(self, runner: _Runner, *, task_status: TaskStatus[None]) -> None:
         spec = runner.spec
         reg = self.registry
+        log = self.log.bind(actor=spec.name, **spec.meta)
         restarts: deque[float] = deque()
         reported = False
         attempt = 0
@@ -239,16 +243,15 @@ class Supervisor:
                         await self._attempt(runner, attempt, report_started)
                     except FatalError as exc:
                         reg.set_state(spec.name, ActorState.STOPPED, error=describe(exc))
-                        self.log.error("actor_fatal", name=spec.name, error=describe(exc))
+                        log.error("actor_fatal", error=describe(exc))
                         self.fatal_error = exc
                         self.request_stop(exc.exit_code)
                         return
                     except Exception as exc:
                         error = exc
                         reg.set_state(spec.name, reg.actors[spec.name].state, error=describe(exc))
-                        self.log.error(
+                        log.error(
                             "actor_crashed",
-                            name=spec.name,
                             attempt=attempt,
                             error=describe(exc),
                             exc_info=exc,
@@ -260,7 +263,7 @@ class Supervisor:
                     if spec.restart is Restart.TEMPORARY or (
                         spec.restart is Restart.TRANSIENT and error is None
                     ):
-                        self.log.info("actor_ended", name=spec.name, restart=spec.restart.value)
+                        log.info("actor_ended", restart=spec.restart.value)
                         return
                     now = self._monotonic()
                     restarts.append(now)
@@ -270,9 +273,8 @@ class Supervisor:
                     delay = next_delay(spec.backoff, len(restarts), failed=failed)
                     reg.count_restart(spec.name)
                     reg.set_state(spec.name, ActorState.FAILED if failed else ActorState.RESTARTING)
-                    self.log.warning(
+                    log.warning(
                         "actor_restarting",
-                        name=spec.name,
                         delay_s=round(delay, 3),
                         restarts_in_window=len(restarts),
                         failed=failed,
@@ -289,7 +291,10 @@ class Supervisor:
     async def _attempt(self, runner: _Runner, attempt: int, on_running: Callable[[], None]) -> None:
         """One attempt: clone channel ends, run, translate its failure into one exception."""
         spec = runner.spec
-        flag = _StartedFlag()
+
+        # The state flips inside started(), before the actor runs on; the supervisor's own
+        # task_status is reported below, from this task (anyio reparents the calling task).
+        flag = _StartedFlag(lambda: self.registry.set_state(spec.name, ActorState.RUNNING))
         with ExitStack() as stack:
             ctx = ActorContext(
                 name=spec.name,
@@ -307,7 +312,6 @@ class Supervisor:
                         await flag.event.wait()
                     if scope.cancelled_caught:
                         raise StartTimeoutError(f"{spec.name} did not start within {timeout:g} s")
-                    self.registry.set_state(spec.name, ActorState.RUNNING)
                     on_running()
             except Exception as exc:
                 raise _unwrap(exc) from None
@@ -335,7 +339,7 @@ class Supervisor:
             with anyio.move_on_after(self.shutdown_timeout_s) as scope:
                 await runner.done.wait()
             if scope.cancelled_caught:
-                self.log.warning("actor_drain_timeout", name=spec.name, timeout_s=self.shutdown_timeout_s)
+                self.log.warning("actor_drain_timeout", actor=spec.name, timeout_s=self.shutdown_timeout_s)
                 runner.scope.cancel()
                 await runner.done.wait()
         self.log.info("drain_finished")

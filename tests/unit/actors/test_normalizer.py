@@ -58,8 +58,7 @@ async def test_normalizer_merges_queued_batches_and_drains_on_stop() -> None:
 
     async def sink(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
         task_status.started()
-        async for batch in ctx.receivers["rows"]:
-            out_batches.append(batch)
+        out_batches.extend([batch async for batch in ctx.receivers["rows"]])
 
     specs = [
         ActorSpec("sink", sink, inputs=("rows",)),

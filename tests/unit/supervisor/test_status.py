@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio.abc import TaskStatus
 
@@ -156,10 +157,11 @@ async def test_supervisor_writes_status_file_on_state_change(tmp_path: Path) -> 
         tg.start_soon(sup.run)
         with anyio.fail_after(5):
             await crashed.wait()
-            while (
+            # the file is the observable here: poll it at every scheduler checkpoint
+            while (  # noqa: ASYNC110
                 not path.exists() or json.loads(path.read_text())["actors"]["ibkr"]["state"] != "restarting"
             ):
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
         doc = json.loads(path.read_text())
         assert doc["status"] == "down"  # the only source is down
         assert doc["actors"]["ibkr"]["restarts"] == 1
@@ -173,7 +175,7 @@ async def test_supervisor_writes_status_file_on_state_change(tmp_path: Path) -> 
         }
         release.set()
         with anyio.fail_after(5):
-            while json.loads(path.read_text())["status"] != "ok":
-                await anyio.sleep(0)
+            while json.loads(path.read_text())["status"] != "ok":  # noqa: ASYNC110
+                await anyio.lowlevel.checkpoint()
         sup.request_stop()
     assert json.loads(path.read_text())["status"] == "stopped"

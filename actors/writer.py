@@ -1,0 +1,622 @@
+"""The writer actor: row batches from the ``rows`` channel into PostgreSQL, one commit per batch.
+
+Loop: wait for one item, drain what is already queued (up to ``batch_max_rows`` rows or
+``batch_max_delay_ms`` of draining), then COPY + upsert + record batch id + commit
+(:func:`db.copy.write_batch`), record tick-to-commit latency, report.
+
+Database away (network, restart, too many connections): the failed batch and every following
+one go to a bounded in-memory buffer; past ``buffer_max_rows`` the buffer is moved to the fsync'ed
+spool under ``spool_dir``. A recovery task reconnects with tenacity backoff, re-runs migrations,
+replays the spool (oldest segment first) and then the buffer, and only then hands live batches
+back to the direct path. Batch ids make every replay exactly-once. The engine is ``degraded``
+while this lasts.
+
+Start: one connection attempt (``connect_timeout_s``). Reachable: migrate (a newer schema is a
+``FatalError``), create partitions, drop expired ones, then ``started()``. Unreachable: the actor
+still calls ``started()`` right away, in the spooling state, so that brokers keep streaming and
+nothing is lost; the engine is degraded until the database appears. A spool left by an earlier
+run is replayed in the background after connecting.
+
+Stop: when the channel ends (the supervisor's drain) everything received is committed, or
+spooled if the database is away, and ``run`` returns. On cancellation the same happens within
+``shutdown_budget_s`` under a shielded scope; what cannot be committed in time is spooled.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import asyncpg
+from anyio.abc import TaskStatus
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+from config.settings import DatabaseSettings
+from db import copy as dbcopy
+from db.batch import Batch, BatchBuilder, days_of, partition_days, retention_cutoff, utc_day
+from db.latency import LatencyTracker
+from db.migrate import migrate
+from db.spool import Spool
+from normalize.model import GreeksSnapshot
+from supervisor.context import ActorContext
+from supervisor.errors import FatalError
+from supervisor.spec import RunFn
+
+UPKEEP_INTERVAL_S = 3600.0
+_DATA_ERROR_CLASSES = ("22", "23")  # data exception, integrity violation: the batch itself is bad
+
+
+def make_writer(
+    settings: DatabaseSettings,
+    dsn: str,
+    *,
+    clock: Callable[[], float] = time.time,
+    connect_timeout_s: float = 5.0,
+    reconnect_initial_s: float = 0.2,
+    reconnect_max_s: float = 5.0,
+    publish_interval_s: float = 0.25,
+    shutdown_budget_s: float = 5.0,
+    before_commit: dbcopy.Hook | None = None,
+) -> RunFn:
+    """The writer's ``RunFn``. ``before_commit`` is a test seam (runs inside each batch's
+    transaction after the writes); ``clock`` must be the clock of ``GreeksSnapshot.received_ts``."""
+
+    async def run(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        writer = _Writer(
+            settings,
+            dsn,
+            ctx,
+            clock=clock,
+            connect_timeout_s=connect_timeout_s,
+            reconnect_initial_s=reconnect_initial_s,
+            reconnect_max_s=reconnect_max_s,
+            publish_interval_s=publish_interval_s,
+            shutdown_budget_s=shutdown_budget_s,
+            before_commit=before_commit,
+        )
+        await writer.run(task_status)
+
+    return run
+
+
+class _Writer:
+    def __init__(
+        self,
+        settings: DatabaseSettings,
+        dsn: str,
+        ctx: ActorContext,
+        *,
+        clock: Callable[[], float],
+        connect_timeout_s: float,
+        reconnect_initial_s: float,
+        reconnect_max_s: float,
+        publish_interval_s: float,
+        shutdown_budget_s: float,
+        before_commit: dbcopy.Hook | None,
+    ) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.ctx = ctx
+        self.log = ctx.log
+        self.clock = clock
+        self.connect_timeout_s = connect_timeout_s
+        self.reconnect_initial_s = reconnect_initial_s
+        self.reconnect_max_s = reconnect_max_s
+        self.publish_interval_s = publish_interval_s
+        self.shutdown_budget_s = shutdown_budget_s
+        self.before_commit = before_commit
+
+        self.conn: Any = None  # asyncpg.Connection while we hold one
+        self.db_up = False  # live batches go straight to the database
+        self.recovering = False
+        self.stopped = False
+        self.memory: deque[Batch] = deque()
+        self.memory_rows = 0
+        self.spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+        self.rejected = Spool(settings.spool_dir / "rejected", settings.spool_max_bytes)
+        self.spool_lock = anyio.Lock()
+        self.builder = BatchBuilder(settings.batch_max_rows, settings.batch_max_delay_ms / 1000)
+        self.latency = LatencyTracker()
+        self.known_days: set[Any] = set()
+        self.next_upkeep = 0.0
+        self.down_since: float | None = None
+
+        self.rows_total = 0
+        self.batches_total = 0
+        self.duplicate_batches = 0
+        self.dropped_rows = 0
+        self.rejected_rows = 0
+        self.replayed_rows = 0
+        self.last_publish = 0.0
+
+        self._tg: Any = None
+        self._recovery_scope: anyio.CancelScope | None = None
+        self._recovery_done = anyio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, task_status: TaskStatus[None]) -> None:
+        await anyio.to_thread.run_sync(self._open_spools)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self._start()
+                task_status.started()
+                tg.start_soon(self._ticker)
+                try:
+                    await self._loop()
+                finally:
+                    with anyio.CancelScope(shield=True) as scope:
+                        scope.deadline = anyio.current_time() + self.shutdown_budget_s
+                        await self._drain()
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Surface a lone child error (FatalError from a re-migration, say) as itself.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close_conn()
+                self.stopped = True
+                self._publish()
+
+    def _open_spools(self) -> None:
+        self.spool.open()
+        self.rejected.open()
+        for note in self.spool.repaired:
+            self.log.warning("spool_repaired", detail=note)
+
+    async def _start(self) -> None:
+        pending = self.spool.rows
+        try:
+            self.conn = await self._connect_and_prepare()
+        except Exception as exc:
+            if not dbcopy.is_database_down(exc):
+                raise _fatal("cannot use the database", exc) from exc
+            self.log.warning(
+                "db_unavailable_at_start", error=_err(exc), spool_rows=pending, dsn_host=_host(self)
+            )
+            self._go_down(exc, log=False)
+        else:
+            if pending:
+                self._start_recovery("replaying spool from an earlier run")
+            else:
+                self.db_up = True
+        self.log.info(
+            "writer_started",
+            db="connected" if self.conn is not None else "down",
+            spool_rows=pending,
+            batch_max_rows=self.settings.batch_max_rows,
+        )
+        self._publish()
+
+    async def _ticker(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            self._publish()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        rx = self.ctx.receivers["rows"]
+        while True:
+            try:
+                first = await rx.receive()
+            except anyio.EndOfStream:
+                return
+            self.builder.start(first, self.clock())
+            eof = False
+            while not self.builder.full(self.clock()):
+                try:
+                    item = rx.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+                except anyio.EndOfStream:
+                    eof = True
+                    break
+                self.builder.add(item)
+            rows = self.builder.take()
+            if rows:
+                await self._submit(Batch(uuid.uuid4(), rows))
+            self._maybe_publish()
+            if eof:
+                return
+
+    async def _submit(self, batch: Batch) -> None:
+        if self.db_up and not self.recovering:
+            try:
+                await self._write(batch)
+                return
+            except Exception as exc:
+                if _is_data_error(exc):
+                    await self._reject(batch, exc)
+                    return
+                if not dbcopy.is_database_down(exc):
+                    raise
+                self._go_down(exc)
+        self._buffer(batch)
+        if self.memory_rows > self.settings.buffer_max_rows:
+            await self._spill()
+
+    async def _write(self, batch: Batch, *, replayed: bool = False) -> bool:
+        conn = self.conn
+        if conn is None:
+            raise ConnectionError("no database connection")
+        now = self.clock()
+        if now >= self.next_upkeep:
+            await self._upkeep(conn, now)
+        missing = days_of(batch.rows) - self.known_days
+        if missing:
+            await dbcopy.ensure_partitions(conn, missing)
+            self.known_days |= missing
+        fresh = await dbcopy.write_batch(conn, batch, replayed=replayed, before_commit=self.before_commit)
+        committed_at = self.clock()
+        n = len(batch.rows)
+        if fresh:
+            self.rows_total += n
+            self.batches_total += 1
+            if replayed:
+                self.replayed_rows += n
+            self.latency.record_commit((r.received_ts for r in batch.rows), committed_at)
+            self.ctx.record_events(n)
+            self.log.debug("batch_committed", rows=n, batch_id=str(batch.batch_id))
+        else:
+            self.duplicate_batches += 1
+            self.log.info("batch_already_committed", rows=n, batch_id=str(batch.batch_id))
+        return fresh
+
+    # -- outage handling ------------------------------------------------------------------------
+
+    def _buffer(self, batch: Batch) -> None:
+        self.memory.append(batch)
+        self.memory_rows += len(batch.rows)
+
+    async def _spill(self) -> None:
+        """Move the whole in-memory buffer (oldest first) to the spool, fsync'ed."""
+        async with self.spool_lock:
+            batches = list(self.memory)
+            self.memory.clear()
+            self.memory_rows = 0
+            if not batches:
+                return
+            rows = sum(len(b.rows) for b in batches)
+            try:
+                result = await anyio.to_thread.run_sync(self.spool.append, batches)
+            except OSError as exc:
+                self.dropped_rows += rows
+                self.log.error("spool_write_failed", error=_err(exc), dropped_rows=rows)
+                return
+        self.log.info(
+            "batches_spooled",
+            batches=len(batches),
+            rows=rows,
+            spool_rows=self.spool.rows,
+            spool_bytes=self.spool.bytes,
+        )
+        if result.dropped_rows:
+            self.dropped_rows += result.dropped_rows
+            self.log.error(
+                "spool_full_dropped_oldest",
+                dropped_rows=result.dropped_rows,
+                dropped_bytes=result.dropped_bytes,
+                dropped_rows_total=self.dropped_rows,
+                spool_max_bytes=self.settings.spool_max_bytes,
+            )
+        self._publish()
+
+    async def _reject(self, batch: Batch, exc: BaseException) -> None:
+        """A batch PostgreSQL refuses as data (never retried): keep it aside, loudly."""
+        self.rejected_rows += len(batch.rows)
+        self.log.error(
+            "batch_rejected",
+            error=_err(exc),
+            rows=len(batch.rows),
+            batch_id=str(batch.batch_id),
+            kept_in=str(self.rejected.directory),
+        )
+        async with self.spool_lock:
+            try:
+                await anyio.to_thread.run_sync(self.rejected.append, [batch])
+            except OSError as err:
+                self.log.error("rejected_batch_lost", error=_err(err), rows=len(batch.rows))
+
+    def _go_down(self, exc: BaseException, *, log: bool = True) -> None:
+        self.db_up = False
+        if self.down_since is None:
+            self.down_since = self.clock()
+        if log:
+            self.log.warning(
+                "db_connection_lost",
+                error=_err(exc),
+                buffer_rows=self.memory_rows,
+                spool_rows=self.spool.rows,
+            )
+        self._drop_conn()
+        self._start_recovery("database unreachable: buffering and spooling")
+
+    def _start_recovery(self, reason: str) -> None:
+        self.ctx.set_degraded(f"writer: {reason}")
+        if not self.recovering and self._tg is not None:
+            self.recovering = True
+            self._recovery_done = anyio.Event()
+            self._tg.start_soon(self._recover)
+        self._publish()
+
+    async def _recover(self) -> None:
+        try:
+            with anyio.CancelScope() as scope:
+                self._recovery_scope = scope
+                while True:
+                    if self.conn is None:
+                        self.conn = await self._reconnect()
+                        self._publish()
+                    try:
+                        await self._replay()
+                    except Exception as exc:
+                        if not dbcopy.is_database_down(exc):
+                            raise
+                        self.log.warning("db_connection_lost", error=_err(exc), during="replay")
+                        self._drop_conn()
+                        continue
+                    async with self.spool_lock:
+                        # Synchronous from here: no live batch can slip in between the final
+                        # emptiness check and switching back to the direct path.
+                        if self.memory or self.spool.segments:
+                            continue
+                        self.db_up = True
+                        self.recovering = False
+                    outage_s = None if self.down_since is None else self.clock() - self.down_since
+                    self.down_since = None
+                    self.ctx.set_degraded(None)
+                    self.log.info(
+                        "db_recovered",
+                        replayed_rows=self.replayed_rows,
+                        outage_s=None if outage_s is None else round(outage_s, 3),
+                    )
+                    self._publish()
+                    return
+        finally:
+            self._recovery_scope = None
+            self.recovering = False
+            self._recovery_done.set()
+
+    async def _reconnect(self) -> Any:
+        attempts = 0
+
+        def before_sleep(state: Any) -> None:
+            nonlocal attempts
+            attempts = state.attempt_number
+            if attempts == 1 or attempts % 20 == 0:
+                exc = state.outcome.exception() if state.outcome else None
+                self.log.info("db_reconnect_failed", attempt=attempts, error=_err(exc))
+
+        retrying = AsyncRetrying(
+            sleep=anyio.sleep,
+            retry=retry_if_exception(dbcopy.is_database_down),
+            wait=wait_exponential_jitter(
+                multiplier=self.reconnect_initial_s,
+                max=self.reconnect_max_s,
+                jitter=self.reconnect_initial_s,
+            ),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    conn = await self._connect_and_prepare()
+        except Exception as exc:
+            if isinstance(exc, FatalError):
+                raise
+            raise _fatal("cannot use the database", exc) from exc
+        self.log.info("db_reconnected", attempts=attempts + 1)
+        return conn
+
+    async def _replay(self) -> None:
+        """Spool segments oldest first, then the in-memory buffer, each batch exactly once."""
+        while True:
+            async with self.spool_lock:
+                leased = await anyio.to_thread.run_sync(self.spool.lease_oldest)
+            if leased is not None:
+                path, batches = leased
+                fresh_rows = skipped = 0
+                for batch in batches:
+                    if await self._replay_one(batch):
+                        fresh_rows += len(batch.rows)
+                    else:
+                        skipped += 1
+                async with self.spool_lock:
+                    await anyio.to_thread.run_sync(self.spool.release, path)
+                self.log.info(
+                    "spool_replayed",
+                    segment=path.name,
+                    batches=len(batches),
+                    rows=fresh_rows,
+                    already_committed_batches=skipped,
+                    spool_rows=self.spool.rows,
+                )
+                self._publish()
+                continue
+            if not self.memory:
+                return
+            batch = self.memory.popleft()
+            self.memory_rows -= len(batch.rows)
+            try:
+                await self._replay_one(batch)
+            except BaseException:
+                self.memory.appendleft(batch)
+                self.memory_rows += len(batch.rows)
+                raise
+            self._maybe_publish()
+
+    async def _replay_one(self, batch: Batch) -> bool:
+        try:
+            return await self._write(batch, replayed=True)
+        except Exception as exc:
+            if not _is_data_error(exc):
+                raise
+            await self._reject(batch, exc)
+            return False
+
+    # -- database plumbing ----------------------------------------------------------------------
+
+    async def _connect_and_prepare(self) -> Any:
+        conn = await dbcopy.connect(self.dsn, connect_timeout_s=self.connect_timeout_s)
+        try:
+            await migrate(conn)
+            self.known_days = await dbcopy.existing_partition_days(conn)
+            await self._upkeep(conn, self.clock())
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _upkeep(self, conn: Any, now: float) -> None:
+        """Create partitions ahead and drop the ones past retention (hourly, and at connect)."""
+        today = utc_day(now)
+        wanted = set(partition_days(today, self.settings.partitions_ahead_days))
+        created = await dbcopy.ensure_partitions(conn, wanted - self.known_days)
+        self.known_days |= wanted
+        cutoff = retention_cutoff(today, self.settings.retention_days)
+        dropped = await dbcopy.drop_partitions_before(conn, cutoff)
+        if dropped:
+            self.known_days = {d for d in self.known_days if d >= cutoff}
+        if created or dropped:
+            self.log.info(
+                "partitions_maintained",
+                created=[d.isoformat() for d in created],
+                dropped=dropped,
+                retention_cutoff=cutoff.isoformat(),
+            )
+        self.next_upkeep = now + UPKEEP_INTERVAL_S
+
+    def _drop_conn(self) -> None:
+        if self.conn is not None:
+            self.conn.terminate()
+            self.conn = None
+
+    async def _close_conn(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        try:
+            with anyio.fail_after(2):
+                await conn.close()
+        except Exception:
+            conn.terminate()
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Commit what is queued, or spool it; called shielded, within the shutdown budget."""
+        rows = self.builder.take()
+        rows.extend(self._drain_channel_nowait())
+        if rows:
+            self._buffer(Batch(uuid.uuid4(), rows))
+        if self.recovering:
+            if self._recovery_scope is not None:
+                self._recovery_scope.cancel()
+            await self._recovery_done.wait()  # its in-flight batch is back in the buffer
+        committed = 0
+        if self.db_up and self.conn is not None:
+            try:
+                with anyio.move_on_after(max(0.0, self.shutdown_budget_s - 1.0)):
+                    while self.memory:
+                        batch = self.memory[0]
+                        await self._write(batch)
+                        self.memory.popleft()
+                        self.memory_rows -= len(batch.rows)
+                        committed += len(batch.rows)
+            except Exception as exc:
+                self.log.warning("db_write_failed_at_shutdown", error=_err(exc))
+                self._drop_conn()
+        spooled = self.memory_rows
+        if self.memory:
+            await self._spill()
+        self.log.info(
+            "writer_drained",
+            committed_rows=committed,
+            spooled_rows=spooled,
+            spool_rows=self.spool.rows,
+            rows_total=self.rows_total,
+        )
+
+    def _drain_channel_nowait(self) -> list[GreeksSnapshot]:
+        rx = self.ctx.receivers.get("rows")
+        out: list[GreeksSnapshot] = []
+        if rx is None:
+            return out
+        while True:
+            try:
+                item: Sequence[GreeksSnapshot] = rx.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return out
+            out.extend(item)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.stopped:
+            return "stopped"
+        if self.db_up:
+            return "running"
+        if self.conn is not None and self.recovering:
+            return "replaying"
+        return "spooling"
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "state": self.state,
+            "db": "connected" if self.conn is not None else "down",
+            "rows_total": self.rows_total,
+            "batches_total": self.batches_total,
+            "latency_ms": self.latency.summary_ms(now),
+            "buffer_rows": self.memory_rows,
+            "spool_rows": self.spool.rows,
+            "spool_bytes": self.spool.bytes,
+            "dropped_rows": self.dropped_rows,
+            "rejected_rows": self.rejected_rows,
+            "replayed_rows": self.replayed_rows,
+            "duplicate_batches": self.duplicate_batches,
+        }
+
+    def _publish(self) -> None:
+        self.last_publish = self.clock()
+        self.ctx.publish("writer", self.status())
+
+    def _maybe_publish(self) -> None:
+        if self.clock() - self.last_publish >= self.publish_interval_s:
+            self._publish()
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    if not isinstance(exc, asyncpg.PostgresError):
+        return False
+    code = getattr(exc, "sqlstate", None) or ""
+    return code.startswith(_DATA_ERROR_CLASSES)
+
+
+def _err(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _fatal(what: str, exc: BaseException) -> FatalError:
+    return FatalError(f"{what}: {_err(exc)}")
+
+
+def _host(writer: _Writer) -> str:
+    """The DSN's host part only: never log credentials."""
+    dsn = writer.dsn
+    at = dsn.rfind("@")
+    rest = dsn[at + 1 :] if at >= 0 else dsn.split("://", 1)[-1]
+    return rest.split("/", 1)[0]

@@ -1,0 +1,238 @@
+"""The outage spool: batches the database could not take, kept on disk until it can.
+
+Two layers:
+
+- Framing (pure, no I/O): :func:`encode_batch` / :func:`decode_frames`. A frame is
+  ``b"GSP1" | u32 length | u32 crc32(payload) | payload`` (big-endian), the payload an orjson
+  object ``{"batch_id", "fields", "rows"}`` where ``rows`` are value lists in ``fields`` order
+  (field names travel with the data, so a spool written by an older model still decodes; unknown
+  fields are ignored). A torn or corrupt frame ends decoding: everything before it is kept.
+- :class:`Spool` (blocking file I/O; async callers use ``anyio.to_thread``): numbered segment
+  files ``spool-NNNNNNNNNNNN.seg`` in one directory, appended and fsync'ed per call, replayed
+  oldest first and deleted once replayed. Over ``max_bytes`` the oldest segments are deleted and
+  their rows counted as dropped: the newest data is what survives a long outage.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import MISSING, dataclass, fields
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from db.batch import Batch
+from normalize.model import SNAPSHOT_FIELDS, GreeksSnapshot
+
+MAGIC = b"GSP1"
+_HEADER = struct.Struct(">4sII")
+HEADER_SIZE = _HEADER.size
+_DATE_FIELDS = frozenset(f.name for f in fields(GreeksSnapshot) if "date" in str(f.type))
+_REQUIRED = frozenset(
+    f.name for f in fields(GreeksSnapshot) if f.default is MISSING and f.default_factory is MISSING
+)
+
+
+# -- framing (pure) ---------------------------------------------------------------------------
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """One frame holding ``batch`` (NaN and infinities become ``None``: "no value")."""
+    payload = orjson.dumps(
+        {
+            "batch_id": str(batch.batch_id),
+            "fields": SNAPSHOT_FIELDS,
+            "rows": [[getattr(r, name) for name in SNAPSHOT_FIELDS] for r in batch.rows],
+        }
+    )
+    return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def _decode_payload(payload: bytes) -> Batch:
+    doc = orjson.loads(payload)
+    names: list[str] = doc["fields"]
+    keep = [(i, n) for i, n in enumerate(names) if n in SNAPSHOT_FIELDS]
+    missing = _REQUIRED - set(names)
+    if missing:
+        raise ValueError(f"spool frame lacks required fields {sorted(missing)}")
+    rows = []
+    for values in doc["rows"]:
+        kwargs: dict[str, Any] = {}
+        for i, name in keep:
+            value = values[i]
+            if name in _DATE_FIELDS and isinstance(value, str):
+                value = date.fromisoformat(value)
+            kwargs[name] = value
+        rows.append(GreeksSnapshot(**kwargs))
+    return Batch(uuid.UUID(doc["batch_id"]), rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    batches: list[Batch]
+    valid_bytes: int  # length of the intact prefix
+    error: str | None  # why decoding stopped early (torn tail, bad crc, bad payload)
+
+
+def decode_frames(data: bytes) -> Decoded:
+    """Decode consecutive frames; stop at the first incomplete or corrupt one."""
+    batches: list[Batch] = []
+    pos = 0
+    end = len(data)
+    while pos < end:
+        if end - pos < HEADER_SIZE:
+            return Decoded(batches, pos, "torn frame header")
+        magic, length, crc = _HEADER.unpack_from(data, pos)
+        if magic != MAGIC:
+            return Decoded(batches, pos, "bad frame magic")
+        start = pos + HEADER_SIZE
+        if end - start < length:
+            return Decoded(batches, pos, "torn frame payload")
+        payload = data[start : start + length]
+        if zlib.crc32(payload) != crc:
+            return Decoded(batches, pos, "frame checksum mismatch")
+        try:
+            batches.append(_decode_payload(payload))
+        except (ValueError, KeyError, TypeError) as exc:
+            return Decoded(batches, pos, f"bad frame payload: {exc}")
+        pos = start + length
+    return Decoded(batches, pos, None)
+
+
+# -- segment files (blocking I/O) ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Segment:
+    path: Path
+    bytes: int
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    dropped_rows: int
+    dropped_bytes: int
+
+
+class Spool:
+    """Append-only, fsync'ed, segmented batch spool in ``directory``."""
+
+    def __init__(self, directory: Path, max_bytes: int, *, segment_bytes: int | None = None) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes or max(1, min(64 << 20, max_bytes // 8))
+        self.segments: list[Segment] = []
+        self.repaired: list[str] = []  # what open() had to cut off (logged by the caller)
+        self._next = 1
+        self._leased: Path | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.segments)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.segments)
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def open(self) -> Spool:
+        """Scan existing segments (a previous run's spool), cutting off torn tails."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.segments = []
+        for path in sorted(self.directory.glob("spool-*.seg")):
+            data = path.read_bytes()
+            decoded = decode_frames(data)
+            if decoded.error is not None:
+                self.repaired.append(
+                    f"{path.name}: {decoded.error} at byte {decoded.valid_bytes}, "
+                    f"{len(data) - decoded.valid_bytes} bytes cut"
+                )
+                with path.open("r+b") as fh:
+                    fh.truncate(decoded.valid_bytes)
+                    os.fsync(fh.fileno())
+            rows = sum(len(b) for b in decoded.batches)
+            if decoded.valid_bytes == 0:
+                path.unlink()
+                continue
+            self.segments.append(Segment(path, decoded.valid_bytes, rows))
+            self._next = max(self._next, int(path.stem.split("-")[1]) + 1)
+        return self
+
+    def append(self, batches: Sequence[Batch]) -> AppendResult:
+        """Write ``batches`` to the newest segment and fsync; then enforce ``max_bytes``."""
+        if not batches:
+            return AppendResult(0, 0)
+        data = b"".join(encode_batch(b) for b in batches)
+        rows = sum(len(b) for b in batches)
+        seg = self.segments[-1] if self.segments else None
+        if seg is None or seg.bytes >= self.segment_bytes or seg.path == self._leased:
+            seg = self._new_segment()
+        with seg.path.open("ab") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        seg.bytes += len(data)
+        seg.rows += rows
+        return self._enforce_limit()
+
+    def lease_oldest(self) -> tuple[Path, list[Batch]] | None:
+        """Read the oldest segment for replay; new appends go to a fresh segment meanwhile.
+
+        Call :meth:`release` after its batches are committed, and ``None`` means empty.
+        """
+        if not self.segments:
+            return None
+        seg = self.segments[0]
+        self._leased = seg.path
+        decoded = decode_frames(seg.path.read_bytes())
+        return seg.path, decoded.batches
+
+    def release(self, path: Path) -> None:
+        """Delete a replayed segment."""
+        self._leased = None
+        self.segments = [s for s in self.segments if s.path != path]
+        path.unlink(missing_ok=True)
+        self._fsync_dir()
+
+    def _new_segment(self) -> Segment:
+        path = self.directory / f"spool-{self._next:012d}.seg"
+        self._next += 1
+        path.touch()
+        self._fsync_dir()
+        seg = Segment(path, 0, 0)
+        self.segments.append(seg)
+        return seg
+
+    def _enforce_limit(self) -> AppendResult:
+        dropped_rows = dropped_bytes = 0
+        while self.bytes > self.max_bytes and len(self.segments) > 1:
+            victim = next((s for s in self.segments[:-1] if s.path != self._leased), None)
+            if victim is None:
+                break
+            self.segments.remove(victim)
+            victim.path.unlink(missing_ok=True)
+            dropped_rows += victim.rows
+            dropped_bytes += victim.bytes
+        if dropped_rows:
+            self._fsync_dir()
+        return AppendResult(dropped_rows, dropped_bytes)
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def total_rows(batches: Iterable[Batch]) -> int:
+    return sum(len(b) for b in batches)

@@ -1,0 +1,136 @@
+"""The writer actor against a real PostgreSQL: rows in, exactly those rows committed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import anyio
+import asyncpg
+import pytest
+
+from config.settings import DatabaseSettings
+from db.migrate import migrate
+from supervisor.errors import FatalError
+
+from .helpers import WriterHarness, count, fetch, snapshot
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+async def test_n_rows_in_exactly_n_rows_committed(dsn: str, db_settings: DatabaseSettings) -> None:
+    # Arrange
+    n = 5000
+    base = time.time()
+    rows = [snapshot(i, ts=base + i * 1e-4, received=time.time()) for i in range(n)]
+    harness = WriterHarness(db_settings, dsn)
+
+    # Act: items of varying size, then the upstream closes (the supervisor's shutdown drain).
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            async with harness.send:
+                i = 0
+                size = 1
+                while i < n:
+                    await harness.send.send(rows[i : i + size])
+                    i += size
+                    size = size % 97 + 1
+        # run() returned by itself once the channel ended
+
+    # Assert
+    assert await count(dsn, "SELECT count(*) FROM greeks_history") == n
+    assert await count(dsn, "SELECT count(DISTINCT seq) FROM greeks_history") == n
+    assert await count(dsn, "SELECT sum(row_count) FROM ingest_batches") == n
+    latest = await fetch(dsn, "SELECT instrument, seq FROM greeks_latest ORDER BY instrument")
+    expected: dict[str, int] = {}
+    for r in rows:
+        expected[r.instrument] = r.seq or 0  # later rows have later event times
+    assert {r["instrument"]: r["seq"] for r in latest} == expected
+    status = harness.status
+    assert status["state"] == "stopped"
+    assert status["rows_total"] == n
+    assert 0 < status["batches_total"] <= n
+    assert status["latency_ms"]["count"] == n
+    assert 0 < status["latency_ms"]["p50"] <= status["latency_ms"]["p99"] <= status["latency_ms"]["max"]
+    assert status["latency_ms"]["window"]["count"] == n
+    assert status["spool_rows"] == 0
+    assert status["dropped_rows"] == 0
+    assert harness.registry.actors["writer"].events_total == n
+
+
+async def test_batches_grow_under_load_and_respect_the_cap(dsn: str, db_settings: DatabaseSettings) -> None:
+    settings = replace(db_settings, batch_max_rows=100, batch_max_delay_ms=10_000)
+    harness = WriterHarness(settings, dsn, capacity=1000)
+    # 600 single-row items queued before the writer starts: it must batch them.
+    for i in range(600):
+        harness.send.send_nowait([snapshot(i)])
+    harness.send.close()
+
+    with anyio.fail_after(30):
+        await harness.run()
+
+    sizes = [r["row_count"] for r in await fetch(dsn, "SELECT row_count FROM ingest_batches")]
+    assert sum(sizes) == 600
+    assert max(sizes) == 100  # the cap
+    assert len(sizes) == 6
+
+
+async def test_idle_batches_are_single_ticks(dsn: str, db_settings: DatabaseSettings) -> None:
+    harness = WriterHarness(db_settings, dsn)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            async with harness.send:
+                for i in range(5):
+                    await harness.send.send([snapshot(i)])
+                    await harness.wait_for(lambda s, i=i: s.get("rows_total", 0) == i + 1)
+
+    sizes = [r["row_count"] for r in await fetch(dsn, "SELECT row_count FROM ingest_batches")]
+    assert sizes == [1] * 5
+
+
+async def test_newer_schema_stops_the_engine(dsn: str, db_settings: DatabaseSettings) -> None:
+    await migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES (999, 'future', 'x')"
+        )
+    finally:
+        await conn.close()
+    harness = WriterHarness(db_settings, dsn)
+
+    with anyio.fail_after(30), pytest.raises(FatalError, match="newer engine"):
+        await harness.run()
+
+
+async def test_bad_credentials_are_fatal(pg_dsn_bad_db: str, db_settings: DatabaseSettings) -> None:
+    harness = WriterHarness(db_settings, pg_dsn_bad_db)
+
+    with anyio.fail_after(30), pytest.raises(FatalError, match="cannot use the database"):
+        await harness.run()
+
+
+@pytest.fixture
+def pg_dsn_bad_db(dsn: str) -> str:
+    return dsn.rsplit("/", 1)[0] + "/no_such_database_here"
+
+
+async def test_rejected_batch_is_kept_aside(dsn: str, db_settings: DatabaseSettings, tmp_path: Path) -> None:
+    # A value PostgreSQL refuses (a NUL byte in text) must not stall or kill the writer.
+    bad = replace(snapshot(1), account="U\x00bad")
+    harness = WriterHarness(db_settings, dsn)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            async with harness.send:
+                await harness.send.send([bad])
+                await harness.send.send([snapshot(2)])
+
+    assert harness.status["rejected_rows"] == 1
+    assert harness.status["rows_total"] == 1
+    assert harness.events("batch_rejected")
+    assert list((db_settings.spool_dir / "rejected").glob("spool-*.seg"))

@@ -1,0 +1,124 @@
+"""db.batch: records for COPY, latest-per-position, days and partitions, the batch builder."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from db.batch import (
+    HISTORY_COLUMNS,
+    REC_EVENT,
+    Batch,
+    BatchBuilder,
+    batch_facts,
+    days_of,
+    latest_records,
+    partition_days,
+    retention_cutoff,
+    to_records,
+    utc_day,
+)
+from normalize.model import SNAPSHOT_FIELDS
+
+from .rows import row, snapshots
+
+
+def test_columns_follow_the_model_with_right_renamed() -> None:
+    assert HISTORY_COLUMNS[0] == "batch_id"
+    assert len(HISTORY_COLUMNS) == len(SNAPSHOT_FIELDS) + 1
+    assert "option_right" in HISTORY_COLUMNS
+    assert "right" not in HISTORY_COLUMNS
+
+
+def test_records_convert_times_and_keep_values() -> None:
+    bid = uuid.uuid4()
+    (rec,) = to_records(Batch(bid, [row(1, ts=1_700_000_000.5)]))
+
+    assert rec[0] == bid
+    as_dict = dict(zip(HISTORY_COLUMNS, rec, strict=True))
+    assert as_dict["event_ts"] == datetime(2023, 11, 14, 22, 13, 20, 500000, tzinfo=UTC)
+    assert as_dict["received_ts"].tzinfo is UTC
+    assert as_dict["option_right"] == "C"
+    assert as_dict["seq"] == 1
+
+
+@given(st.lists(snapshots, max_size=30))
+def test_latest_records_keeps_the_newest_per_position(rows: list) -> None:
+    records = to_records(Batch(uuid.uuid4(), rows))
+    latest = latest_records(records)
+
+    keys = {(r.broker, r.account, r.instrument) for r in rows}
+    assert len(latest) == len(keys)
+    for rec in latest:
+        same = [r for r in records if r[1:4] == rec[1:4]]
+        newest = max((r[REC_EVENT], r[REC_EVENT + 1]) for r in same)
+        assert (rec[REC_EVENT], rec[REC_EVENT + 1]) == newest
+
+
+def test_latest_tie_goes_to_the_later_row() -> None:
+    a = row(1, ts=10.0, instrument="X")
+    b = row(2, ts=10.0, instrument="X")
+    (rec,) = latest_records(to_records(Batch(uuid.uuid4(), [a, b])))
+    assert rec[-1] == 2
+
+
+def test_batch_facts() -> None:
+    facts = batch_facts([row(0, ts=100.0), row(1, ts=50.0)])
+    assert facts.row_count == 2
+    assert facts.min_event_ts == datetime.fromtimestamp(50.0, UTC)
+    assert facts.max_received_ts == datetime.fromtimestamp(100.001, UTC)
+    assert batch_facts([]).row_count == 0
+
+
+@pytest.mark.parametrize(
+    ("ts", "day"),
+    [
+        (0.0, date(1970, 1, 1)),
+        (86399.999, date(1970, 1, 1)),
+        (86400.0, date(1970, 1, 2)),
+        (datetime(2024, 3, 10, 23, 59, 59, 999000, tzinfo=UTC).timestamp(), date(2024, 3, 10)),
+        (datetime(2024, 3, 11, tzinfo=UTC).timestamp(), date(2024, 3, 11)),
+    ],
+)
+def test_utc_day_boundaries(ts: float, day: date) -> None:
+    assert utc_day(ts) == day
+
+
+@given(st.floats(min_value=0, max_value=4e9))
+def test_utc_day_matches_datetime(ts: float) -> None:
+    assert utc_day(ts) == datetime.fromtimestamp(ts, UTC).date()
+
+
+def test_days_of_and_partition_window() -> None:
+    midnight = datetime(2024, 3, 11, tzinfo=UTC).timestamp()
+    assert days_of([row(ts=midnight - 0.001), row(ts=midnight)]) == {
+        date(2024, 3, 10),
+        date(2024, 3, 11),
+    }
+    assert partition_days(date(2024, 3, 11), 2) == [
+        date(2024, 3, 10),
+        date(2024, 3, 11),
+        date(2024, 3, 12),
+        date(2024, 3, 13),
+    ]
+    assert retention_cutoff(date(2024, 3, 11), 30) == date(2024, 2, 10)
+
+
+def test_builder_caps_rows_and_time() -> None:
+    b = BatchBuilder(max_rows=5, max_delay_s=0.05)
+    b.start([row(0), row(1)], now=100.0)
+    assert not b.full(100.0)
+    b.add([row(2), row(3), row(4), row(5)])
+    assert b.full(100.0)  # 6 rows >= 5: the item that reaches the cap is kept whole
+    assert len(b.take()) == 6
+    b.start([row(0)], now=200.0)
+    assert not b.full(200.04)
+    assert b.full(200.05)
+    assert b.take() == [row(0)]
+    assert b.take() == []
+    with pytest.raises(ValueError):
+        BatchBuilder(0, 1.0)
