@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 
 from config.logging import get_logger
 from config.settings import Settings
+from supervisor.errors import FatalError
 from supervisor.spec import ActorSpec, Backoff, ChannelSpec, Intensity, Restart
 from supervisor.status import StatusRegistry
 from supervisor.supervisor import Supervisor
@@ -38,7 +39,7 @@ async def run_engine(settings: Settings) -> int:
     from actors.demo import make_demo_feed
     from actors.normalizer import make_normalizer
     from actors.writer import make_writer
-    from db.embedded import database
+    from db.embedded import EmbeddedError, database
     from simulator.market import Market, MarketConfig
 
     log = get_logger(actor="engine")
@@ -58,7 +59,10 @@ async def run_engine(settings: Settings) -> int:
         start_ts=time.time(),
     )
     async with AsyncExitStack() as stack:
-        dsn = await stack.enter_async_context(database(settings.db))
+        try:
+            dsn = await stack.enter_async_context(database(settings.db))
+        except EmbeddedError as exc:
+            raise FatalError(f"embedded PostgreSQL could not start: {exc}") from None
         specs = [
             ActorSpec(
                 "writer",

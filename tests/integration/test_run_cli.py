@@ -12,7 +12,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
+import asyncpg
 import pytest
+
+from config.settings import DatabaseSettings
+from db.embedded import database
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,10 +32,38 @@ def engine_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         LOG_LEVEL="INFO",
         PYTHONUNBUFFERED="1",
     )
-    if url := os.environ.get("TEST_DATABASE_URL"):
-        env["DATABASE_URL"] = url
     env.update(extra)
     return env
+
+
+async def _admin(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def _history_counts(dsn: str) -> tuple[int, int, dict[str, int]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        total = await conn.fetchval("SELECT count(*) FROM greeks_history")
+        distinct = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT DISTINCT broker, account, instrument, seq FROM greeks_history) d"
+        )
+        per_broker = dict(await conn.fetch("SELECT broker, count(*) FROM greeks_history GROUP BY broker"))
+        return total, distinct, per_broker
+    finally:
+        await conn.close()
+
+
+async def history_counts(env: dict[str, str]) -> tuple[int, int, dict[str, int]]:
+    """Rows the engine committed: from DATABASE_URL, or by reopening its embedded data directory."""
+    if "DATABASE_URL" in env:
+        return await _history_counts(env["DATABASE_URL"])
+    settings = DatabaseSettings(embedded_dir=Path(env["VAR_DIR"]) / "postgres")
+    async with database(settings) as dsn:
+        return await _history_counts(dsn)
 
 
 def read_status(path: Path) -> dict[str, Any] | None:
@@ -72,7 +105,11 @@ def run_status(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
 @pytest.mark.integration
 @pytest.mark.postgres
 def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> None:
-    env = engine_env(tmp_path, TT_UNUSED_SECRET="x")
+    env = engine_env(tmp_path)
+    if url := os.environ.get("TEST_DATABASE_URL"):  # a fresh database on that server
+        name = f"cli_{os.getpid()}_{time.monotonic_ns()}"
+        anyio.run(_admin, url, f'CREATE DATABASE "{name}"')
+        env["DATABASE_URL"] = url.rsplit("/", 1)[0] + "/" + name
     status_file = tmp_path / "var" / "status.json"
     proc = subprocess.Popen(
         [sys.executable, "run.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -125,6 +162,16 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
     assert final["status"] == "stopped"
     assert all(a["state"] == "stopped" for a in final["actors"].values())
     assert run_status(env=env).returncode == 2  # stopped
+
+    # The drain lost nothing: every row the feeds produced is committed, exactly once.
+    produced = {b: final["actors"][b]["events_total"] for b in ("ibkr", "tastytrade")}
+    total, distinct, per_broker = anyio.run(history_counts, env)
+    assert per_broker == produced
+    assert total == distinct == sum(produced.values()) == final["writer"]["rows_total"]
+    if "DATABASE_URL" in env and (url := os.environ.get("TEST_DATABASE_URL")):
+        anyio.run(
+            _admin, url, f'DROP DATABASE IF EXISTS "{env["DATABASE_URL"].rsplit("/", 1)[1]}" WITH (FORCE)'
+        )
 
 
 @pytest.mark.integration

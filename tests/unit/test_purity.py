@@ -26,12 +26,8 @@ PURE = [
     ROOT / "supervisor" / "policy.py",
     ROOT / "supervisor" / "errors.py",
     ROOT / "config" / "settings.py",
-    *[p for name in ("batch.py", "latency.py") if (p := ROOT / "db" / name).exists()],
-    *[
-        p
-        for name in ("dxlink_protocol.py", "market.py", "faults.py", "schedule.py")
-        if (p := ROOT / "simulator" / name).exists()
-    ],
+    *(ROOT / "db" / name for name in ("batch.py", "latency.py", "spool.py")),
+    *(ROOT / "simulator" / name for name in ("dxlink_protocol.py", "market.py", "faults.py", "schedule.py")),
 ]
 
 
