@@ -45,6 +45,13 @@ def run(cmd: list[str]) -> int:
     return subprocess.call(cmd, cwd=ROOT)
 
 
+def exec_in_venv(args: list[str]) -> int:
+    """Replace this process, so that SIGINT/SIGTERM reach the engine itself (and its drain)."""
+    os.chdir(ROOT)
+    os.execv(str(PY), [str(PY), *args])
+    return 0  # pragma: no cover - execv does not return
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -52,10 +59,10 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "run":
         ensure_venv("")
-        return run([str(PY), "run.py", *rest])
+        return exec_in_venv(["run.py", *rest])
     if command == "test":
         ensure_venv("[dev]")
-        return run([str(PY), "-m", "pytest", *rest])
+        return exec_in_venv(["-m", "pytest", *rest])
     if command == "lint":
         ensure_venv("[dev]")
         bin_dir = VENV / "bin"
