@@ -123,6 +123,7 @@ class Supervisor:
         self._handle_signals = handle_signals
         self.log = structlog.get_logger().bind(actor="supervisor")
         self.exit_code = 0
+        self.status_write_errors = 0
         self.fatal_error: BaseException | None = None
         self._stop = anyio.Event()
         self._status_dirty = anyio.Event()
@@ -189,12 +190,21 @@ class Supervisor:
         return self.exit_code
 
     def write_status(self) -> None:
+        """Rewrite the status file; a failure is logged once, and again once it recovers."""
         if self.status_file is None:
             return
         try:
             write_status_file(self.status_file, render_status(self.registry, self.registry.clock()))
         except OSError as exc:
-            self.log.warning("status_write_failed", path=str(self.status_file), error=describe(exc))
+            self.status_write_errors += 1
+            if self.status_write_errors == 1:
+                self.log.error("status_write_failed", path=str(self.status_file), error=describe(exc))
+            return
+        if self.status_write_errors:
+            self.log.info(
+                "status_write_recovered", path=str(self.status_file), failures=self.status_write_errors
+            )
+            self.status_write_errors = 0
 
     # ------------------------------------------------------------------ internals
 

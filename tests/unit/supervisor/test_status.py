@@ -179,3 +179,21 @@ async def test_supervisor_writes_status_file_on_state_change(tmp_path: Path) -> 
                 await anyio.lowlevel.checkpoint()
         sup.request_stop()
     assert json.loads(path.read_text())["status"] == "stopped"
+
+
+@pytest.mark.anyio
+async def test_unwritable_status_file_is_logged_once_and_recovery_noted(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    registry = StatusRegistry(mode="simulated", clock=lambda: 0.0)
+    sup = Supervisor([], [], registry, status_file=blocker / "status.json")
+    with capture_logs() as logs:
+        for _ in range(3):
+            sup.write_status()
+        blocker.unlink()
+        sup.write_status()
+    events = [(e["event"], e.get("failures")) for e in logs]
+    assert events == [("status_write_failed", None), ("status_write_recovered", 3)]
+    assert (blocker / "status.json").exists()
