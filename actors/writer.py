@@ -24,6 +24,7 @@ spooled if the database is away, and ``run`` returns. On cancellation the same h
 
 from __future__ import annotations
 
+import operator
 import time
 import uuid
 from collections import deque
@@ -47,6 +48,7 @@ from supervisor.errors import FatalError
 from supervisor.spec import RunFn
 
 UPKEEP_INTERVAL_S = 3600.0
+_received_ts = operator.attrgetter("received_ts")
 _DATA_ERROR_CLASSES = ("22", "23")  # data exception, integrity violation: the batch itself is bad
 
 
@@ -262,7 +264,7 @@ class _Writer:
             self.batches_total += 1
             if replayed:
                 self.replayed_rows += n
-            self.latency.record_commit((r.received_ts for r in batch.rows), committed_at)
+            self.latency.record_commit(map(_received_ts, batch.rows), committed_at)
             self.ctx.record_events(n)
             self.log.debug("batch_committed", rows=n, batch_id=str(batch.batch_id))
         else:

@@ -7,20 +7,24 @@ frame would be) into a bounded channel; ``received_ts`` is stamped when a row is
 latency includes any queueing. The writer under test is the real actor (``actors.writer``); the
 baseline commits each row with its own autocommitted ``INSERT``. Both run against the same
 PostgreSQL (embedded, fsync on, ``synchronous_commit`` on) into a fresh database per run.
-Prints a table and writes ``bench/out/writer.png`` and ``bench/out/writer.json``.
+``--repeat N`` interleaves N runs of each mode per rate and reports field-wise medians. Prints a
+table, the writer/baseline ratios of the same run, and writes ``bench/out/writer.png`` and
+``bench/out/writer.json``. ``--modes writer`` runs the writer alone (for profiling).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import shutil
+import statistics
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
 
@@ -99,8 +103,13 @@ def make_row(i: int, now: float) -> GreeksSnapshot:
 
 def make_pool(n: int) -> list[GreeksSnapshot]:
     """Rows built ahead: building a 28-field frozen dataclass costs ~14 us, which would make
-    this benchmark measure the producer instead of the writer."""
-    return [make_row(i, 0.0) for i in range(n)]
+    this benchmark measure the producer instead of the writer. The pool is then frozen out of
+    the garbage collector: half a million long-lived rows would otherwise make every full
+    collection (triggered by the writer's own allocations) scan them, a bench-only pause."""
+    pool = [make_row(i, 0.0) for i in range(n)]
+    gc.collect()
+    gc.freeze()
+    return pool
 
 
 def stamp(row: GreeksSnapshot, now: float) -> GreeksSnapshot:
@@ -209,7 +218,7 @@ async def run_baseline(dsn: str, rate: int, seconds: float) -> Result:
                 for rec in to_records(Batch(uuid.uuid4(), item)):
                     await stmt.fetch(*rec)
                     now = time.time()
-                    latency.record_commit([rec[REC_RECEIVED].timestamp()], now)
+                    latency.record_commit([rec[REC_RECEIVED]], now)
                     committed += 1
         done.set()
 
@@ -262,6 +271,43 @@ async def server(dsn: str | None) -> AsyncIterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def median_result(runs: list[Result]) -> Result:
+    """Field-wise median of repeated runs of one mode at one rate."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    values = {
+        name: statistics.median(getattr(r, name) for r in runs)
+        for name, value in asdict(first).items()
+        if isinstance(value, int | float)
+    }
+    merged = replace(first, **values)
+    for name, value in asdict(first).items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(merged, name, round(getattr(merged, name)))
+    return merged
+
+
+def ratios(results: list[Result]) -> list[str]:
+    """Writer vs baseline at each rate: throughput and latency ratios (same run)."""
+    lines = []
+    for rate in dict.fromkeys(r.offered_per_s for r in results):
+        by_mode = {r.mode.split()[0]: r for r in results if r.offered_per_s == rate}
+        w, b = by_mode.get("writer"), by_mode.get("baseline")
+        if w is None or b is None:
+            continue
+
+        def ratio(x: float, y: float) -> str:
+            return f"{x / y:.3g}x" if y else "n/a"
+
+        lines.append(
+            f"{rate:>10,}/s  committed writer/baseline {ratio(w.committed_per_s, b.committed_per_s):>8}"
+            f"  p50 {ratio(w.p50_ms, b.p50_ms):>8}  p99 {ratio(w.p99_ms, b.p99_ms):>8}"
+            "  (latency ratio < 1: writer faster)"
+        )
+    return lines
+
+
 def plot(results: list[Result], path: Path) -> None:
     import matplotlib
 
@@ -291,16 +337,30 @@ def plot(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
-async def main(rates: list[int], seconds: float, dsn: str | None) -> list[Result]:
+async def main(
+    rates: list[int],
+    seconds: float,
+    dsn: str | None,
+    modes: Sequence[str] = ("writer", "baseline"),
+    repeat: int = 1,
+) -> list[Result]:
     results = []
     spool_root = Path(tempfile.mkdtemp(prefix="greeks-bench-spool-"))
     try:
         async with server(dsn) as admin_dsn:
             for rate in rates:
-                db = await fresh_database(admin_dsn, "bench_writer")
-                results.append(await run_writer(db, rate, seconds, spool_root / str(rate)))
-                db = await fresh_database(admin_dsn, "bench_writer")
-                results.append(await run_baseline(db, rate, seconds))
+                runs: list[Result] = []
+                for k in range(repeat):  # interleaved, so that machine noise hits both modes
+                    if "writer" in modes:
+                        db = await fresh_database(admin_dsn, "bench_writer")
+                        runs.append(await run_writer(db, rate, seconds, spool_root / f"{rate}-{k}"))
+                    if "baseline" in modes:
+                        db = await fresh_database(admin_dsn, "bench_writer")
+                        runs.append(await run_baseline(db, rate, seconds))
+                results.extend(
+                    median_result([r for r in runs if r.mode == mode])
+                    for mode in dict.fromkeys(r.mode for r in runs)
+                )
             conn = await asyncpg.connect(admin_dsn)
             try:
                 await conn.execute('DROP DATABASE IF EXISTS "bench_writer" WITH (FORCE)')
@@ -316,9 +376,13 @@ def cli() -> None:
     parser.add_argument("--rates", default="1000,10000,100000")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--dsn", default=None, help="admin DSN of an existing server")
+    parser.add_argument("--modes", default="writer,baseline", help="writer, baseline or both")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per rate and mode; medians shown")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
-    results = anyio.run(main, rates, args.seconds, args.dsn)
+    results = anyio.run(main, rates, args.seconds, args.dsn, tuple(args.modes.split(",")), args.repeat)
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} interleaved runs per row")
     header = (
         f"{'mode':<26} {'offered/s':>10} {'produced/s':>11} {'committed/s':>12} "
         f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>9} {'max ms':>9} {'batches':>8} {'backlog':>8}"
@@ -331,6 +395,8 @@ def cli() -> None:
             f"{r.committed_per_s:>12,.0f} {r.p50_ms:>8.2f} {r.p95_ms:>8.2f} {r.p99_ms:>9.2f} "
             f"{r.max_ms:>9.2f} {r.batches:>8,} {r.backlog_rows:>8,}"
         )
+    for line in ratios(results):
+        print(line)
     OUT.mkdir(exist_ok=True)
     (OUT / "writer.json").write_bytes(orjson.dumps([asdict(r) for r in results], option=orjson.OPT_INDENT_2))
     plot(results, OUT / "writer.png")

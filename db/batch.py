@@ -3,6 +3,11 @@
 Rules: no I/O, no clock, no anyio/asyncpg. Time comes in as arguments (POSIX seconds); batch ids
 come in as ``uuid.UUID`` values chosen by the caller.
 
+Records keep ``event_ts`` and ``received_ts`` as POSIX seconds (floats): building two ``datetime``
+objects per row, and asyncpg encoding them, was more than half of the writer's CPU per row. The
+writer's connection encodes POSIX seconds for ``timestamptz`` itself (:func:`db.copy.connect`),
+rounding exactly as ``datetime.fromtimestamp`` does (:func:`posix_to_us`).
+
 The column order of :data:`HISTORY_COLUMNS` is the column order of ``greeks_history`` (and of the
 first columns of ``greeks_latest``): ``batch_id`` first, then the fields of
 :class:`~normalize.model.GreeksSnapshot` in declaration order, with ``right`` renamed to
@@ -33,8 +38,12 @@ assert _RECEIVED == _EVENT + 1, "event_ts and received_ts must stay adjacent in 
 REC_EVENT = _EVENT + 1
 REC_RECEIVED = _RECEIVED + 1
 _KEY_FIELDS = tuple(SNAPSHOT_FIELDS.index(k) + 1 for k in KEY_COLUMNS)
+assert _KEY_FIELDS == tuple(range(_KEY_FIELDS[0], _KEY_FIELDS[0] + 3)), "key fields must be adjacent"
+_KEY_SLICE = (_KEY_FIELDS[0], _KEY_FIELDS[-1] + 1)  # rec[slice] is the (broker, account, instrument) key
+_TIME_SLICE = (REC_EVENT, REC_RECEIVED + 1)  # rec[slice] is (event_ts, received_ts)
 
 _values = operator.attrgetter(*SNAPSHOT_FIELDS)
+_event_ts = operator.attrgetter("event_ts")
 _EPOCH_DAY = date(1970, 1, 1)
 
 Record = tuple[Any, ...]
@@ -66,16 +75,21 @@ def to_datetime(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+def posix_to_us(ts: float) -> int:
+    """POSIX seconds to integer microseconds since 1970, rounded exactly like
+    ``datetime.fromtimestamp`` (the fraction alone is scaled, then rounded half to even)."""
+    whole = int(ts)
+    return whole * 1_000_000 + round((ts - whole) * 1e6)
+
+
 def to_records(batch: Batch) -> list[Record]:
-    """One ``greeks_history`` record per row, in :data:`HISTORY_COLUMNS` order."""
+    """One ``greeks_history`` record per row, in :data:`HISTORY_COLUMNS` order.
+
+    Times stay POSIX seconds (see the module docstring): a record is the batch id followed by the
+    row's field values, nothing converted.
+    """
     head = (batch.batch_id,)
-    out = []
-    for row in batch.rows:
-        v = _values(row)
-        out.append(
-            head + v[:_EVENT] + (to_datetime(v[_EVENT]), to_datetime(v[_RECEIVED])) + v[_RECEIVED + 1 :]
-        )
-    return out
+    return [head + v for v in map(_values, batch.rows)]
 
 
 def latest_records(records: Iterable[Record]) -> list[Record]:
@@ -85,13 +99,13 @@ def latest_records(records: Iterable[Record]) -> list[Record]:
     One record per key, as ``INSERT ... ON CONFLICT DO UPDATE`` requires.
     """
     best: dict[tuple[Any, ...], Record] = {}
+    get = best.get
+    k0, k1 = _KEY_SLICE
+    t0, t1 = _TIME_SLICE
     for rec in records:
-        key = (rec[_KEY_FIELDS[0]], rec[_KEY_FIELDS[1]], rec[_KEY_FIELDS[2]])
-        cur = best.get(key)
-        if cur is None or (rec[REC_EVENT], rec[REC_RECEIVED]) >= (
-            cur[REC_EVENT],
-            cur[REC_RECEIVED],
-        ):
+        key = rec[k0:k1]
+        cur = get(key)
+        if cur is None or rec[t0:t1] >= cur[t0:t1]:
             best[key] = rec
     return list(best.values())
 
@@ -117,7 +131,13 @@ def utc_day(ts: float) -> date:
 
 def days_of(rows: Iterable[GreeksSnapshot]) -> set[date]:
     """Every UTC day the rows' event times fall on."""
-    return {_EPOCH_DAY + timedelta(days=d) for d in {int(r.event_ts // 86400) for r in rows}}
+    events = list(map(_event_ts, rows))
+    if not events:
+        return set()
+    first, last = int(min(events) // 86400), int(max(events) // 86400)
+    if first == last:  # the usual case: one day, found without a set over every row
+        return {_EPOCH_DAY + timedelta(days=first)}
+    return {_EPOCH_DAY + timedelta(days=d) for d in {int(ts // 86400) for ts in events}}
 
 
 def partition_days(today: date, ahead: int) -> list[date]:

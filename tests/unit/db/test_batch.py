@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from hypothesis import given
@@ -18,6 +18,7 @@ from db.batch import (
     days_of,
     latest_records,
     partition_days,
+    posix_to_us,
     retention_cutoff,
     to_records,
     utc_day,
@@ -34,16 +35,29 @@ def test_columns_follow_the_model_with_right_renamed() -> None:
     assert "right" not in HISTORY_COLUMNS
 
 
-def test_records_convert_times_and_keep_values() -> None:
+def test_records_keep_values_and_posix_times() -> None:
     bid = uuid.uuid4()
     (rec,) = to_records(Batch(bid, [row(1, ts=1_700_000_000.5)]))
 
     assert rec[0] == bid
     as_dict = dict(zip(HISTORY_COLUMNS, rec, strict=True))
-    assert as_dict["event_ts"] == datetime(2023, 11, 14, 22, 13, 20, 500000, tzinfo=UTC)
-    assert as_dict["received_ts"].tzinfo is UTC
+    # Times stay POSIX seconds; the writer connection's timestamptz codec converts them.
+    assert as_dict["event_ts"] == 1_700_000_000.5
+    assert as_dict["received_ts"] == 1_700_000_000.501
     assert as_dict["option_right"] == "C"
     assert as_dict["seq"] == 1
+
+
+@given(st.floats(min_value=-1e10, max_value=1e10))
+def test_posix_to_us_rounds_like_fromtimestamp(ts: float) -> None:
+    expected = datetime.fromtimestamp(ts, UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    assert posix_to_us(ts) == expected // timedelta(microseconds=1)
+
+
+@pytest.mark.parametrize("ts", [0.0, 0.5e-6, 1.5e-6, 2.5e-6, 0.9999995, 1_700_000_000.0000005, 86399.999])
+def test_posix_to_us_half_even_edges(ts: float) -> None:
+    expected = datetime.fromtimestamp(ts, UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    assert posix_to_us(ts) == expected // timedelta(microseconds=1)
 
 
 @given(st.lists(snapshots, max_size=30))
@@ -99,6 +113,13 @@ def test_days_of_and_partition_window() -> None:
         date(2024, 3, 10),
         date(2024, 3, 11),
     }
+    assert days_of([row(ts=midnight), row(ts=midnight + 5)]) == {date(2024, 3, 11)}
+    # Days without rows between the first and the last are not included.
+    assert days_of([row(ts=midnight), row(ts=midnight + 3 * 86400)]) == {
+        date(2024, 3, 11),
+        date(2024, 3, 14),
+    }
+    assert days_of([]) == set()
     assert partition_days(date(2024, 3, 11), 2) == [
         date(2024, 3, 10),
         date(2024, 3, 11),
