@@ -10,6 +10,7 @@ internals. Exit codes: 0 clean stop, 1 fatal error, 2 bad configuration or not h
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -168,7 +169,11 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "status":
-        return status_command(args)
+        try:
+            return status_command(args)
+        except BrokenPipeError:  # `python run.py status --json | head`: the reader left early
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     return run_command(args)
 
 

@@ -73,6 +73,35 @@ class RedactSecrets:
         return event_dict
 
 
+class PipeSafe:
+    """A stream wrapper that stops writing, instead of raising, once the reader has gone.
+
+    ``python run.py | jq`` with jq gone must not crash the actors that log: data keeps flowing
+    to the database and the drain still runs; only the log lines are lost from then on.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, data: Any) -> int:
+        if self.broken:
+            return len(data)
+        try:
+            return int(self._stream.write(data))
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            self.broken = True
+            return len(data)
+
+    def flush(self) -> None:
+        if self.broken:
+            return
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            self.broken = True
+
+
 def _orjson_default(obj: Any) -> Any:
     return str(obj)
 
@@ -111,18 +140,18 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = LogFormat.JSON, stre
     if fmt is LogFormat.JSON:
         renderer: Processor = structlog.processors.JSONRenderer(serializer=_dumps_bytes)
         stdlib_renderer: Processor = structlog.processors.JSONRenderer(serializer=_dumps_str)
-        binary: Any = out.buffer if hasattr(out, "buffer") else out
+        binary: Any = PipeSafe(out.buffer if hasattr(out, "buffer") else out)
         factory: Any = structlog.BytesLoggerFactory(binary)
     else:
         renderer = stdlib_renderer = structlog.dev.ConsoleRenderer(colors=False)
-        factory = structlog.PrintLoggerFactory(out)
+        factory = structlog.PrintLoggerFactory(PipeSafe(out))  # type: ignore[arg-type]
     structlog.configure(
         processors=[*_pre_chain(), *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(out)
+    handler = logging.StreamHandler(PipeSafe(out))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[

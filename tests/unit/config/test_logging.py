@@ -117,3 +117,27 @@ def test_console_format_for_humans() -> None:
 )
 def test_redact_text(text: str, expected: str) -> None:
     assert redact_text(text) == expected
+
+
+def test_a_reader_that_went_away_does_not_break_logging() -> None:
+    """`python run.py | jq` with jq gone: logging goes on silently instead of raising."""
+    import os
+
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    with open(write_fd, "w", buffering=1) as stream:
+        configure_logging("INFO", LogFormat.JSON, stream=stream)
+        try:
+            log = get_logger(actor="writer")
+            for _ in range(3):
+                log.info("batch_committed", rows=1)
+            logging.getLogger("asyncpg").warning("library line")
+        finally:
+            structlog.reset_defaults()
+            root = logging.getLogger()
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
+        try:
+            stream.close()
+        except BrokenPipeError:
+            pass
