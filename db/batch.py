@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import operator
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -43,6 +43,8 @@ _KEY_SLICE = (_KEY_FIELDS[0], _KEY_FIELDS[-1] + 1)  # rec[slice] is the (broker,
 _TIME_SLICE = (REC_EVENT, REC_RECEIVED + 1)  # rec[slice] is (event_ts, received_ts)
 
 _values = operator.attrgetter(*SNAPSHOT_FIELDS)
+_key = operator.attrgetter(*KEY_COLUMNS)
+_times = operator.attrgetter("event_ts", "received_ts")
 _event_ts = operator.attrgetter("event_ts")
 _EPOCH_DAY = date(1970, 1, 1)
 
@@ -88,8 +90,16 @@ def to_records(batch: Batch) -> list[Record]:
     Times stay POSIX seconds (see the module docstring): a record is the batch id followed by the
     row's field values, nothing converted.
     """
-    head = (batch.batch_id,)
-    return [head + v for v in map(_values, batch.rows)]
+    return list(iter_records(batch))
+
+
+def iter_records(batch: Batch, batch_id: Any = None) -> Iterator[Record]:
+    """:func:`to_records`, lazily (all in C: no Python frame per row). Handed to COPY, the
+    records are built as they are encoded, while the server digests the chunks already sent.
+    ``batch_id`` replaces ``batch.batch_id`` as the records' first value (the same id in a type
+    the driver encodes faster)."""
+    head = (batch.batch_id if batch_id is None else batch_id,)
+    return map(head.__add__, map(_values, batch.rows))
 
 
 def latest_records(records: Iterable[Record]) -> list[Record]:
@@ -108,6 +118,31 @@ def latest_records(records: Iterable[Record]) -> list[Record]:
         if cur is None or rec[t0:t1] >= cur[t0:t1]:
             best[key] = rec
     return list(best.values())
+
+
+def latest_of(batch: Batch) -> list[Record]:
+    """``latest_records(to_records(batch))`` without building a record for every row: the newest
+    row per position is picked from the rows, and only those become records.
+
+    Usual case, rows in time order: the last row per position is the newest, and a dict built
+    in C finds it (the order check is a C sort of presorted data). Otherwise a compare per row.
+    """
+    rows = batch.rows
+    times = list(map(_times, rows))
+    best: dict[tuple[Any, ...], GreeksSnapshot]
+    if times == sorted(times):
+        best = dict(zip(map(_key, rows), rows, strict=True))
+    else:
+        best = {}
+        newest: dict[tuple[Any, ...], tuple[float, float]] = {}
+        get = newest.get
+        for key, t, row in zip(map(_key, rows), times, rows, strict=True):
+            cur = get(key)
+            if cur is None or t >= cur:
+                newest[key] = t
+                best[key] = row
+    head = (batch.batch_id,)
+    return [head + v for v in map(_values, best.values())]
 
 
 def batch_facts(rows: Sequence[GreeksSnapshot]) -> BatchFacts:

@@ -12,8 +12,9 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from asyncpg.pgproto.pgproto import UUID as PgUUID
 
-from db.batch import HISTORY_COLUMNS, Batch, batch_facts, latest_records, posix_to_us, to_records
+from db.batch import HISTORY_COLUMNS, Batch, batch_facts, iter_records, latest_of, posix_to_us
 
 _LATEST_UPDATE = ", ".join(
     f"{c} = EXCLUDED.{c}" for c in HISTORY_COLUMNS if c not in ("broker", "account", "instrument")
@@ -169,7 +170,6 @@ async def write_batch(
     """
     if conn not in _prepared:
         await prepare_connection(conn)
-    records = to_records(batch)
     facts = batch_facts(batch.rows)
     async with conn.transaction():
         fresh = await conn.fetchval(
@@ -181,12 +181,19 @@ async def write_batch(
             facts.min_received_ts,
             facts.max_received_ts,
             replayed,
-            latest_records(records),
+            latest_of(batch),
         )
         if not fresh:
             return False
-        if records:
-            await conn.copy_records_to_table("greeks_history", records=records, columns=HISTORY_COLUMNS)
+        if batch.rows:
+            # Lazy records: built while encoded, so that the server digests each chunk sent
+            # while the next is built (COPY streams in ~512 kB chunks).
+            await conn.copy_records_to_table(
+                "greeks_history",
+                # asyncpg's own UUID encodes in C; a uuid.UUID costs a Python call per row.
+                records=iter_records(batch, PgUUID(batch.batch_id.bytes)),
+                columns=HISTORY_COLUMNS,
+            )
         if before_commit is not None:
             await before_commit(conn)
     return True

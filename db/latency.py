@@ -10,6 +10,7 @@ above one hour are clamped into the last bucket. The whole histogram is ~900 int
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -73,6 +74,23 @@ class Histogram:
             if us > top:
                 top = us
         self.count += n
+        self.sum_us += total
+        self.max_us = top
+
+    def record_counted_us(self, counted: Iterable[tuple[int, int]]) -> None:
+        """Record ``n`` values of ``us`` microseconds for every ``(us, n)`` pair."""
+        counts = self.counts
+        n_total = 0
+        total = 0
+        top = self.max_us
+        for us, n in counted:
+            counts[bucket_index(us)] += n
+            n_total += n
+            if us > 0:
+                total += us * n
+            if us > top:
+                top = us
+        self.count += n_total
         self.sum_us += total
         self.max_us = top
 
@@ -147,11 +165,16 @@ class LatencyTracker:
         self._slot_start += elapsed * self._slot_s
 
     def record_commit(self, received: Iterable[float], committed_at: float) -> None:
-        """Record ``committed_at - r`` for every receive time ``r`` in ``received``."""
+        """Record ``committed_at - r`` for every receive time ``r`` in ``received``.
+
+        Per batch, not per row: the rows of a batch share a handful of receive times (one per
+        broker frame), so the distinct times are counted first (``Counter``, in C) and each is
+        converted and bucketed once, with its count.
+        """
         self._rotate(committed_at)
-        lat = [committed_at - r for r in received]
-        self.total.record_many_s(lat)
-        self._ring[0].record_many_s(lat)
+        counted = [(int((committed_at - r) * 1_000_000), n) for r, n in Counter(received).items()]
+        self.total.record_counted_us(counted)
+        self._ring[0].record_counted_us(counted)
 
     def window(self, now: float) -> Histogram:
         self._rotate(now)

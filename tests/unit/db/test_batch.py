@@ -16,6 +16,8 @@ from db.batch import (
     BatchBuilder,
     batch_facts,
     days_of,
+    iter_records,
+    latest_of,
     latest_records,
     partition_days,
     posix_to_us,
@@ -143,3 +145,11 @@ def test_builder_caps_rows_and_time() -> None:
     assert b.take() == []
     with pytest.raises(ValueError):
         BatchBuilder(0, 1.0)
+
+
+@given(st.lists(snapshots, max_size=30))
+def test_latest_of_and_iter_records_match_the_record_lists(rows: list) -> None:
+    batch = Batch(uuid.uuid4(), rows)
+    records = to_records(batch)
+    assert list(iter_records(batch)) == records
+    assert latest_of(batch) == latest_records(records)

@@ -82,3 +82,23 @@ def test_merge() -> None:
     assert (a.count, a.max_us) == (2, 5000)
     with pytest.raises(ValueError):
         LatencyTracker(window_s=0)
+
+
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=5.0, allow_nan=False), min_size=1, max_size=200),
+    st.floats(min_value=5.0, max_value=10.0),
+)
+def test_record_commit_matches_per_row_recording(received: list[float], committed_at: float) -> None:
+    """Counting duplicate receive times first records exactly what per-row recording would."""
+    received = received + received[: len(received) // 2]  # duplicates, as rows of one frame
+    t = LatencyTracker()
+    t.record_commit(iter(received), committed_at)
+    per_row = Histogram()
+    per_row.record_many_s([committed_at - r for r in received])
+    for h in (t.total, t.window(committed_at)):
+        assert (h.counts, h.count, h.max_us, h.sum_us) == (
+            per_row.counts,
+            per_row.count,
+            per_row.max_us,
+            per_row.sum_us,
+        )
