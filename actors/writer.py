@@ -38,7 +38,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from config.settings import DatabaseSettings
 from db import copy as dbcopy
-from db.batch import Batch, BatchBuilder, days_of, partition_days, retention_cutoff, utc_day
+from db.batch import Batch, BatchBuilder, clean_rows, days_of, partition_days, retention_cutoff, utc_day
 from db.latency import LatencyTracker
 from db.migrate import migrate
 from db.spool import Spool
@@ -132,6 +132,7 @@ class _Writer:
         self.duplicate_batches = 0
         self.dropped_rows = 0
         self.rejected_rows = 0
+        self.nonfinite_values = 0
         self.replayed_rows = 0
         self.last_publish = 0.0
 
@@ -222,12 +223,23 @@ class _Writer:
                     eof = True
                     break
                 self.builder.add(item)
-            rows = self.builder.take()
+            rows = await self._clean(self.builder.take())
             if rows:
                 await self._submit(Batch(uuid.uuid4(), rows))
             self._maybe_publish()
             if eof:
                 return
+
+    async def _clean(self, rows: list[GreeksSnapshot]) -> list[GreeksSnapshot]:
+        """NaN/inf values become None (counted); rows that cannot be stored are set aside."""
+        cleaned = clean_rows(rows)
+        if cleaned.values_cleared:
+            self.nonfinite_values += cleaned.values_cleared
+            self.log.warning("nonfinite_values_cleared", values=cleaned.values_cleared, rows=len(rows))
+        if cleaned.rejected:
+            reason = ValueError("event_ts, received_ts, quantity or multiplier is not a finite number")
+            await self._reject(Batch(uuid.uuid4(), cleaned.rejected), reason)
+        return cleaned.rows
 
     async def _submit(self, batch: Batch) -> None:
         if self.db_up and not self.recovering:
@@ -518,6 +530,7 @@ class _Writer:
         """Commit what is queued, or spool it; called shielded, within the shutdown budget."""
         rows = self.builder.take()
         rows.extend(self._drain_channel_nowait())
+        rows = await self._clean(rows)
         if rows:
             self._buffer(Batch(uuid.uuid4(), rows))
         if self.recovering:
@@ -585,6 +598,7 @@ class _Writer:
             "spool_bytes": self.spool.bytes,
             "dropped_rows": self.dropped_rows,
             "rejected_rows": self.rejected_rows,
+            "nonfinite_values": self.nonfinite_values,
             "replayed_rows": self.replayed_rows,
             "duplicate_batches": self.duplicate_batches,
         }

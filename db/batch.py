@@ -16,10 +16,11 @@ first columns of ``greeks_latest``): ``batch_id`` first, then the fields of
 
 from __future__ import annotations
 
+import math
 import operator
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -217,3 +218,66 @@ class BatchBuilder:
     def take(self) -> list[GreeksSnapshot]:
         rows, self.rows = self.rows, []
         return rows
+
+
+# -- non-finite values ------------------------------------------------------------------------
+# NaN and infinities are "no value" in the canonical model (None). One slipping through would turn
+# every portfolio sum it touches into NaN, so the writer checks each batch before writing.
+
+NULLABLE_FLOAT_FIELDS: tuple[str, ...] = (
+    "strike", "bid", "ask", "last", "mark", "underlying_price", "iv", "delta", "gamma", "theta",
+    "vega", "rho", "pos_delta", "pos_gamma", "pos_theta", "pos_vega",
+)  # fmt: skip
+REQUIRED_FLOAT_FIELDS: tuple[str, ...] = ("multiplier", "quantity", "event_ts", "received_ts")
+_checked = operator.attrgetter(*REQUIRED_FLOAT_FIELDS, *NULLABLE_FLOAT_FIELDS)
+
+
+def _all_finite(values: tuple[Any, ...]) -> bool:
+    try:
+        return math.isfinite(math.fsum(filter(None, values)))
+    except (OverflowError, ValueError, TypeError):  # inf - inf, overflow, a non-number
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Cleaned:
+    """A batch's rows after :func:`clean_rows`."""
+
+    rows: list[GreeksSnapshot]
+    values_cleared: int  # NaN/inf values replaced by None
+    rejected: list[GreeksSnapshot]  # rows whose time, quantity or multiplier is not a finite number
+
+
+def clean_rows(rows: list[GreeksSnapshot]) -> Cleaned:
+    """Replace non-finite optional values by ``None``; set aside rows that cannot be stored.
+
+    The fast path is one ``fsum`` per row over its float fields; only a row whose sum is not
+    finite (NaN, an infinity, or finite values that overflow) is looked at field by field.
+    """
+    suspects = {i for i, row in enumerate(rows) if not _all_finite(_checked(row))}
+    if not suspects:
+        return Cleaned(rows, 0, [])
+    kept: list[GreeksSnapshot] = []
+    rejected: list[GreeksSnapshot] = []
+    cleared = 0
+    for i, row in enumerate(rows):
+        if i not in suspects:
+            kept.append(row)
+        elif not all(_finite(v) for v in _required(row)):
+            rejected.append(row)
+        else:
+            bad: dict[str, Any] = {
+                name: None
+                for name in NULLABLE_FLOAT_FIELDS
+                if (v := getattr(row, name)) is not None and not _finite(v)
+            }
+            cleared += len(bad)
+            kept.append(replace(row, **bad))
+    return Cleaned(kept, cleared, rejected)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+_required = operator.attrgetter(*REQUIRED_FLOAT_FIELDS)

@@ -134,3 +134,31 @@ async def test_rejected_batch_is_kept_aside(dsn: str, db_settings: DatabaseSetti
     assert harness.status["rows_total"] == 1
     assert harness.events("batch_rejected")
     assert list((db_settings.spool_dir / "rejected").glob("spool-*.seg"))
+
+
+async def test_nan_values_are_stored_as_no_value_and_counted(dsn: str, db_settings: DatabaseSettings) -> None:
+    """A NaN Greek is stored as NULL (never a NaN that poisons portfolio sums); a NaN time is set aside."""
+    import math
+
+    nan_delta = replace(snapshot(1), delta=math.nan, pos_delta=math.inf)
+    nan_time = replace(snapshot(2), event_ts=math.nan)
+    harness = WriterHarness(db_settings, dsn)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            async with harness.send:
+                await harness.send.send([nan_delta, nan_time, snapshot(3)])
+
+    assert harness.status["nonfinite_values"] == 2
+    assert harness.status["rejected_rows"] == 1
+    assert harness.status["rows_total"] == 2
+    assert harness.events("nonfinite_values_cleared")
+    stored = await fetch(dsn, "SELECT seq, delta, pos_delta FROM greeks_history ORDER BY seq")
+    assert [(r["seq"], r["delta"], r["pos_delta"]) for r in stored] == [
+        (1, None, None),
+        (3, snapshot(3).delta, snapshot(3).pos_delta),
+    ]
+    nan_count = await fetch(
+        dsn, "SELECT count(*) AS n FROM greeks_latest WHERE delta = 'NaN' OR pos_delta = 'NaN'"
+    )
+    assert nan_count[0]["n"] == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import uuid
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -15,6 +17,7 @@ from db.batch import (
     Batch,
     BatchBuilder,
     batch_facts,
+    clean_rows,
     days_of,
     iter_records,
     latest_of,
@@ -153,3 +156,39 @@ def test_latest_of_and_iter_records_match_the_record_lists(rows: list) -> None:
     records = to_records(batch)
     assert list(iter_records(batch)) == records
     assert latest_of(batch) == latest_records(records)
+
+
+class TestCleanRows:
+    """NaN and infinities are "no value": cleared, counted, never written as numbers."""
+
+    def test_finite_rows_pass_through_untouched(self) -> None:
+        rows = [row(i) for i in range(5)]
+        cleaned = clean_rows(rows)
+        assert cleaned.rows is rows
+        assert (cleaned.values_cleared, cleaned.rejected) == (0, [])
+
+    @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+    def test_nonfinite_optional_values_become_none(self, bad: float) -> None:
+        good = row(1)
+        dirty = replace(row(2), delta=bad, iv=bad, bid=bad, pos_vega=bad)
+        cleaned = clean_rows([good, dirty])
+        assert cleaned.values_cleared == 4
+        assert cleaned.rejected == []
+        assert cleaned.rows[0] is good
+        fixed = cleaned.rows[1]
+        assert (fixed.delta, fixed.iv, fixed.bid, fixed.pos_vega) == (None, None, None, None)
+        assert fixed.gamma == dirty.gamma
+        assert fixed.seq == dirty.seq
+
+    def test_finite_values_that_overflow_a_sum_are_kept(self) -> None:
+        big = replace(row(1), bid=1e308, ask=1e308)
+        cleaned = clean_rows([big])
+        assert cleaned.rows == [big]
+        assert cleaned.values_cleared == 0
+
+    @pytest.mark.parametrize("field", ["event_ts", "received_ts", "quantity", "multiplier"])
+    def test_rows_without_a_finite_time_or_size_are_set_aside(self, field: str) -> None:
+        bad = replace(row(2), **{field: math.nan})
+        cleaned = clean_rows([row(1), bad, row(3)])
+        assert [r.seq for r in cleaned.rows] == [1, 3]
+        assert cleaned.rejected == [bad]
