@@ -239,3 +239,18 @@ def test_help_documents_every_command() -> None:
     )
     assert "--json" in status_help.stdout
     assert "exit code" in status_help.stdout.lower()
+
+
+@pytest.mark.integration
+def test_live_credentials_without_live_actors_exit_2_without_leaking(tmp_path: Path) -> None:
+    env = engine_env(tmp_path, TT_CLIENT_SECRET="s3cret-value", TT_REFRESH_TOKEN="r3fresh-value")
+    result = subprocess.run(
+        [sys.executable, "run.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "config error: TT_CLIENT_SECRET: live streaming from this broker is not available in this "
+        "version yet; unset its credentials or pass --simulate"
+    ]
+    assert "s3cret-value" not in result.stderr + result.stdout
+    assert "r3fresh-value" not in result.stderr + result.stdout

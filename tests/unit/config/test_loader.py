@@ -192,3 +192,13 @@ def test_readme_documents_every_variable() -> None:
     readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     missing = [name for name in VARIABLES if f"`{name}`" not in readme]
     assert missing == []
+
+
+def test_simulate_overrides_live_credentials() -> None:
+    from actors.engine import live_unavailable
+
+    creds = {"TT_CLIENT_SECRET": "s", "TT_REFRESH_TOKEN": "r", "IBKR_GATEWAY_URL": "https://localhost:5000"}
+    assert live_unavailable(load_settings(creds)) == "IBKR_GATEWAY_URL"
+    assert live_unavailable(load_settings({**creds, "BROKERS": "tastytrade"})) == "TT_CLIENT_SECRET"
+    assert live_unavailable(load_settings({**creds, "SIMULATE": "true"})) is None
+    assert load_settings({**creds, "SIMULATE": "true"}).mode == "simulated"
