@@ -53,14 +53,20 @@ class StartTimeoutError(Exception):
 
 
 class _StartedFlag(TaskStatus[None]):
-    """The ``task_status`` handed to an attempt: ``started()`` marks it running at once."""
+    """The ``task_status`` handed to an attempt: ``started()`` marks it running at once.
+
+    ``event`` is also set when the attempt ends, so an actor that returns or raises before
+    calling ``started()`` never leaves the supervisor waiting.
+    """
 
     def __init__(self, on_started: Callable[[], None]) -> None:
         self.event = anyio.Event()
+        self.was_started = False
         self._on_started = on_started
 
     def started(self, value: None = None) -> None:
-        if not self.event.is_set():
+        if not self.was_started:
+            self.was_started = True
             self.event.set()
             self._on_started()
 
@@ -69,8 +75,10 @@ class _StartedFlag(TaskStatus[None]):
 class _Runner:
     spec: ActorSpec
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    backoff: anyio.CancelScope | None = None  # set while waiting out a restart delay
     done: anyio.Event = field(default_factory=anyio.Event)
-    stopping: bool = False
+    entered: bool = False
+    stopping: bool = False  # this actor's turn in the drain has come
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -126,6 +134,7 @@ class Supervisor:
         self.status_write_errors = 0
         self.fatal_error: BaseException | None = None
         self._stop = anyio.Event()
+        self._startup_scope = anyio.CancelScope()
         self._status_dirty = anyio.Event()
         self._runners = {s.name: _Runner(s) for s in self.specs}
         self._senders: dict[str, MemoryObjectSendStream[Any]] = {}
@@ -177,17 +186,34 @@ class Supervisor:
                 tg.start_soon(self._status_ticker)
                 if self._handle_signals:
                     tg.start_soon(self._signal_watcher)
-                for spec in self.specs:
-                    if self.stopping:
-                        break
-                    await tg.start(self._supervise, self._runners[spec.name])
+                startup_done = anyio.Event()
+                tg.start_soon(self._start_all, tg, startup_done)
                 await self._stop.wait()
+                self._startup_scope.cancel()  # a stop during startup starts nothing more
+                await startup_done.wait()
                 await self._drain()
                 tg.cancel_scope.cancel()
         self.registry.set_phase(Overall.STOPPED)
         self.write_status()
         self.log.info("supervisor_stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    def force_stop(self) -> None:
+        """Cancel every actor now, without waiting for the drain (a second signal)."""
+        self.request_stop()
+        for runner in self._runners.values():
+            runner.scope.cancel()
+
+    async def _start_all(self, tg: anyio.abc.TaskGroup, done: anyio.Event) -> None:
+        """Start the actors in spec order, each once the previous one is up (or failed)."""
+        try:
+            with self._startup_scope:
+                for spec in self.specs:
+                    if self.stopping:
+                        break
+                    await tg.start(self._supervise, self._runners[spec.name])
+        finally:
+            done.set()
 
     def write_status(self) -> None:
         """Rewrite the status file; a failure is logged once, and again once it recovers."""
@@ -223,8 +249,7 @@ class Supervisor:
             async for signum in signals:
                 if self.stopping:
                     self.log.warning("second_signal_forcing_exit", signal=signal.Signals(signum).name)
-                    for runner in self._runners.values():
-                        runner.scope.cancel()
+                    self.force_stop()
                     continue
                 self.log.info("stop_requested", signal=signal.Signals(signum).name)
                 self.request_stop()
@@ -243,8 +268,12 @@ class Supervisor:
                 reported = True
                 task_status.started()
 
+        runner.entered = True
         with runner.scope:
             try:
+                if self.stopping:  # the stop came before this actor's turn to start
+                    report_started()
+                    return
                 while True:
                     attempt += 1
                     reg.set_state(spec.name, ActorState.STARTING)
@@ -268,12 +297,7 @@ class Supervisor:
                         )
                     finally:
                         report_started()
-                    if runner.stopping or self.stopping:
-                        return
-                    if spec.restart is Restart.TEMPORARY or (
-                        spec.restart is Restart.TRANSIENT and error is None
-                    ):
-                        log.info("actor_ended", restart=spec.restart.value)
+                    if not self._should_restart(runner, error, log):
                         return
                     now = self._monotonic()
                     restarts.append(now)
@@ -290,13 +314,32 @@ class Supervisor:
                         failed=failed,
                         returned=error is None,
                     )
-                    await self._sleep(delay)
-                    if runner.stopping or self.stopping:
+                    with anyio.CancelScope() as runner.backoff:
+                        if not runner.stopping:  # in its drain turn an actor restarts at once
+                            await self._sleep(delay)
+                    runner.backoff = None
+                    if self.stopping and not spec.inputs:
                         return
             finally:
                 reg.set_state(spec.name, ActorState.STOPPED)
                 runner.done.set()
                 self._close_finished_channels()
+
+    def _should_restart(self, runner: _Runner, error: BaseException | None, log: Any) -> bool:
+        """The restart decision after an attempt ended (``error`` None: it returned)."""
+        spec = runner.spec
+        if runner.stopping:  # its turn in the drain
+            # A consumer that crashed mid-drain runs again to finish its inbox, unless its
+            # own consumers are gone (nothing could take what it produces).
+            return (
+                error is not None and bool(spec.inputs) and not isinstance(error, anyio.BrokenResourceError)
+            )
+        if self.stopping and (not spec.inputs or error is None):
+            return False  # sources stop as soon as a stop is requested; a consumer that returned has drained
+        if spec.restart is Restart.TEMPORARY or (spec.restart is Restart.TRANSIENT and error is None):
+            log.info("actor_ended", restart=spec.restart.value)
+            return False
+        return True
 
     async def _attempt(self, runner: _Runner, attempt: int, on_running: Callable[[], None]) -> None:
         """One attempt: clone channel ends, run, translate its failure into one exception."""
@@ -314,9 +357,16 @@ class Supervisor:
                 log=structlog.get_logger().bind(actor=spec.name, **spec.meta),
                 registry=self.registry,
             )
+
+            async def run_actor() -> None:
+                try:
+                    await spec.run(ctx, flag)
+                finally:
+                    flag.event.set()  # ended, maybe without started(): stop waiting for it
+
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(spec.run, ctx, flag)
+                    tg.start_soon(run_actor)
                     timeout = spec.start_timeout_s if spec.start_timeout_s is not None else math.inf
                     with anyio.move_on_after(timeout) as scope:
                         await flag.event.wait()
@@ -327,11 +377,16 @@ class Supervisor:
                 raise _unwrap(exc) from None
 
     def _close_finished_channels(self) -> None:
-        """Close the supervisor's send end of every channel whose producers have all stopped."""
+        """Close the supervisor's ends of channels whose producers (send) or consumers (receive)
+        have all stopped: consumers then see ``EndOfStream``, producers ``BrokenResourceError``."""
+        runners = self._runners.values()
         for name, send in self._senders.items():
-            producers = [r for r in self._runners.values() if name in r.spec.outputs]
+            producers = [r for r in runners if name in r.spec.outputs]
             if producers and all(r.done.is_set() for r in producers):
                 send.close()
+            consumers = [r for r in runners if name in r.spec.inputs]
+            if consumers and all(r.done.is_set() for r in consumers):
+                self._receivers[name].close()
 
     async def _drain(self) -> None:
         self.registry.set_phase(Overall.STOPPING)
@@ -339,17 +394,26 @@ class Supervisor:
         for spec in reversed(self.specs):
             runner = self._runners[spec.name]
             runner.stopping = True
+            if not runner.entered:  # never started: nothing to stop
+                self.registry.set_state(spec.name, ActorState.STOPPED)
+                runner.done.set()
+                self._close_finished_channels()
+                continue
             if runner.done.is_set():
                 continue
-            state = self.registry.actors[spec.name].state
             self.registry.set_state(spec.name, ActorState.STOPPING)
-            if not spec.inputs or state is not ActorState.RUNNING:
-                # Sources stop reading now; an actor waiting out a backoff has nothing to drain.
-                runner.scope.cancel()
+            if not spec.inputs:
+                runner.scope.cancel()  # sources stop reading now
+            elif runner.backoff is not None:
+                runner.backoff.cancel()  # restart now: its inbox still has to be drained
             with anyio.move_on_after(self.shutdown_timeout_s) as scope:
                 await runner.done.wait()
             if scope.cancelled_caught:
                 self.log.warning("actor_drain_timeout", actor=spec.name, timeout_s=self.shutdown_timeout_s)
                 runner.scope.cancel()
                 await runner.done.wait()
+        left = {name: stats["used"] for name, stats in self.channel_statistics().items() if stats["used"]}
+        if left:
+            self.log.error("drain_incomplete", items_left=left)
+            self.request_stop(1)
         self.log.info("drain_finished")

@@ -47,15 +47,8 @@ def make_supervisor(
 ) -> tuple[Supervisor, StatusRegistry, FakeTime]:
     fake = fake or FakeTime()
     registry = StatusRegistry(mode="simulated", clock=lambda: 1_700_000_000.0)
-    sup = Supervisor(
-        specs,
-        channels or [],
-        registry,
-        sleep=fake.sleep,
-        monotonic=fake.monotonic,
-        shutdown_timeout_s=5,
-        **kw,
-    )
+    kw.setdefault("shutdown_timeout_s", 5)
+    sup = Supervisor(specs, channels or [], registry, sleep=fake.sleep, monotonic=fake.monotonic, **kw)
     return sup, registry, fake
 
 
@@ -367,3 +360,163 @@ def test_unknown_channel_and_duplicate_names_are_rejected() -> None:
         Supervisor([ActorSpec("a", run, inputs=("x",))], [], registry)
     with pytest.raises(ValueError, match="duplicate"):
         Supervisor([ActorSpec("a", run), ActorSpec("a", run)], [], registry)
+
+
+async def test_fatal_error_at_startup_exits_without_starting_the_rest() -> None:
+    """A writer that finds a newer schema at start: exit non-zero at once, later actors never run."""
+    started: list[str] = []
+
+    async def fatal_at_start(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        raise FatalError("database schema is newer than this engine", exit_code=1)
+
+    async def later(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        started.append(ctx.name)
+        task_status.started()
+        await anyio.sleep_forever()
+
+    specs = [
+        ActorSpec("writer", fatal_at_start, inputs=("rows",)),
+        ActorSpec("normalizer", later, inputs=("raw",), outputs=("rows",)),
+        ActorSpec("ibkr", later, outputs=("raw",)),
+    ]
+    sup, registry, _ = make_supervisor(specs, [ChannelSpec("raw", 4), ChannelSpec("rows", 4)])
+    with anyio.fail_after(5):
+        code = await sup.run()
+    assert code == 1
+    assert started == []
+    assert all(a.state is ActorState.STOPPED for a in registry.actors.values())
+
+
+async def test_stop_while_an_actor_is_still_starting_returns_promptly() -> None:
+    """SIGTERM while the writer is still migrating: no wait for its start timeout, no hang."""
+    entered = anyio.Event()
+    cancelled = anyio.Event()
+
+    async def slow_start(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        entered.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async def never(ctx: ActorContext, task_status: TaskStatus[None]) -> None:  # pragma: no cover
+        raise AssertionError("must not start")
+
+    specs = [
+        ActorSpec("writer", slow_start, start_timeout_s=3600),
+        ActorSpec("ibkr", never, outputs=("raw",)),
+    ]
+    sup, registry, _ = make_supervisor(specs, [ChannelSpec("raw", 4)], shutdown_timeout_s=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.run)
+        with anyio.fail_after(5):
+            await entered.wait()
+            sup.request_stop()
+    assert cancelled.is_set()
+    assert registry.actors["ibkr"].state is ActorState.STOPPED
+    assert registry.actors["ibkr"].events_total == 0
+
+
+@pytest.mark.parametrize("when", ["crash_during_drain", "in_backoff_at_stop"])
+async def test_consumer_failing_around_shutdown_still_drains_everything(when: str) -> None:
+    """A downstream actor that crashes during the drain, or waits out a backoff when the stop
+    comes, runs again at once and processes everything queued: nothing is lost."""
+    fake = FakeTime()
+    fake.block_at = NO_JITTER.initial_s if when == "in_backoff_at_stop" else None
+    sent: list[int] = []
+    stored: list[int] = []
+    queued = anyio.Event()
+    go = anyio.Event()
+    crashed = {"done": False}
+
+    async def producer(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        for i in range(40):
+            await ctx.senders["c"].send([i])
+            sent.append(i)
+        queued.set()
+        await anyio.sleep_forever()
+
+    async def sink(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        if when == "in_backoff_at_stop" and ctx.attempt == 1:
+            raise TransientError("database hiccup")
+        await go.wait()  # consume only once the stop has been requested
+        async for batch in ctx.receivers["c"]:
+            if when == "crash_during_drain" and sup.stopping and not crashed["done"]:
+                crashed["done"] = True
+                raise TransientError("crash while draining")  # this batch is lost with the attempt
+            stored.extend(batch)
+
+    specs = [
+        ActorSpec("sink", sink, backoff=NO_JITTER, inputs=("c",)),
+        ActorSpec("producer", producer, outputs=("c",)),
+    ]
+    sup, registry, _ = make_supervisor(specs, [ChannelSpec("c", 64)], fake)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.run)
+        with anyio.fail_after(5):
+            if when == "in_backoff_at_stop":
+                await fake.blocked.wait()
+            await queued.wait()
+            sup.request_stop()
+            go.set()
+    lost = 1 if when == "crash_during_drain" else 0
+    assert len(stored) == len(sent) - lost
+    assert sup.exit_code == 0
+    assert registry.actors["sink"].restarts == 1
+
+
+async def test_actor_returning_before_started_is_a_plain_return_not_a_timeout() -> None:
+    ended = anyio.Event()
+
+    async def nothing_to_do(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        ended.set()
+
+    async def after(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        await anyio.sleep_forever()
+
+    specs = [
+        ActorSpec("idle", nothing_to_do, Restart.TEMPORARY, start_timeout_s=None),
+        ActorSpec("after", after),
+    ]
+    sup, registry, _ = make_supervisor(specs)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.run)
+        with anyio.fail_after(5):
+            await ended.wait()
+            while registry.actors["after"].state is not ActorState.RUNNING:  # noqa: ASYNC110
+                await anyio.lowlevel.checkpoint()
+        assert registry.actors["idle"].state is ActorState.STOPPED
+        assert registry.actors["idle"].last_error is None
+        sup.request_stop()
+
+
+async def test_producer_learns_at_once_when_its_consumer_is_gone_and_loss_is_reported() -> None:
+    """The writer stops for good: the normalizer's send fails instead of blocking, and the items
+    left in the channel make the exit code non-zero."""
+    blocked_send = anyio.Event()
+
+    async def fatal_consumer(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        await blocked_send.wait()
+        raise FatalError("schema mismatch")
+
+    async def producer(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        for i in range(10):
+            if i == 2:
+                blocked_send.set()
+            await ctx.senders["c"].send([i])
+        await anyio.sleep_forever()
+
+    specs = [
+        ActorSpec("writer", fatal_consumer, inputs=("c",)),
+        ActorSpec("normalizer", producer, outputs=("c",)),
+    ]
+    sup, registry, _ = make_supervisor(specs, [ChannelSpec("c", 2)], shutdown_timeout_s=3600)
+    with anyio.fail_after(5):
+        code = await sup.run()
+    assert code == 1
+    assert registry.actors["normalizer"].state is ActorState.STOPPED
