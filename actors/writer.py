@@ -50,6 +50,7 @@ from supervisor.spec import RunFn
 UPKEEP_INTERVAL_S = 3600.0
 _received_ts = operator.attrgetter("received_ts")
 _DATA_ERROR_CLASSES = ("22", "23")  # data exception, integrity violation: the batch itself is bad
+_MAX_REPLAY_ERRORS = 5  # unclassified PostgreSQL errors retried per recovery before crashing
 
 
 def make_writer(
@@ -116,6 +117,7 @@ class _Writer:
         self.db_up = False  # live batches go straight to the database
         self.recovering = False
         self.stopped = False
+        self.stopping = False  # the shutdown drain has begun: no new recovery, no more retries
         self.memory: deque[Batch] = deque()
         self.memory_rows = 0
         self.spool = Spool(settings.spool_dir, settings.spool_max_bytes)
@@ -139,6 +141,7 @@ class _Writer:
         self._tg: Any = None
         self._recovery_scope: anyio.CancelScope | None = None
         self._recovery_done = anyio.Event()
+        self._spool_lost_seen = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -223,37 +226,70 @@ class _Writer:
                     eof = True
                     break
                 self.builder.add(item)
-            rows = await self._clean(self.builder.take())
-            if rows:
-                await self._submit(Batch(uuid.uuid4(), rows))
+            # The batch is in the buffer before any await: cancelled or crashed from here on,
+            # the shutdown drain commits or spools it.
+            batch = await self._clean_and_buffer(self.builder.take())
+            if batch is not None:
+                await self._submit(batch)
             self._maybe_publish()
             if eof:
                 return
 
-    async def _clean(self, rows: list[GreeksSnapshot]) -> list[GreeksSnapshot]:
-        """NaN/inf values become None (counted); rows that cannot be stored are set aside."""
+    async def _clean_and_buffer(self, rows: list[GreeksSnapshot]) -> Batch | None:
+        """NaN/inf values become None (counted); the storable rows become a batch, appended to the
+        in-memory buffer at once (returned, None if there are none); the rest is set aside."""
         cleaned = clean_rows(rows)
         if cleaned.values_cleared:
             self.nonfinite_values += cleaned.values_cleared
             self.log.warning("nonfinite_values_cleared", values=cleaned.values_cleared, rows=len(rows))
+        batch = None
+        if cleaned.rows:
+            batch = Batch(uuid.uuid4(), cleaned.rows)
+            self._buffer(batch)
         if cleaned.rejected:
             reason = ValueError("event_ts, received_ts, quantity or multiplier is not a finite number")
             await self._reject(Batch(uuid.uuid4(), cleaned.rejected), reason)
-        return cleaned.rows
+        return batch
 
     async def _submit(self, batch: Batch) -> None:
-        if self.db_up and not self.recovering:
+        """``batch`` is already in the buffer: it leaves it only once committed (or set aside as
+        bad data). On the direct path the buffer holds only this batch."""
+        if self.db_up and not self.recovering and self.memory and self.memory[-1] is batch:
             try:
                 await self._write(batch)
-                return
             except Exception as exc:
                 if _is_data_error(exc):
+                    self._unbuffer(batch)
                     await self._reject(batch, exc)
                     return
-                if not dbcopy.is_database_down(exc):
+                if dbcopy.is_database_down(exc):
+                    self._go_down(exc)
+                elif isinstance(exc, asyncpg.PostgresError):
+                    # Statement timeout, serialization failure, deadlock, ...: not the batch's
+                    # fault; reconnect and replay it (its id keeps that exactly-once).
+                    self.log.error(
+                        "db_write_failed",
+                        error=_err(exc),
+                        sqlstate=getattr(exc, "sqlstate", None),
+                        rows=len(batch.rows),
+                        batch_id=str(batch.batch_id),
+                    )
+                    self._go_down(exc, log=False)
+                else:
+                    # Unexpected: the batch stays buffered and the drain spools it (the
+                    # connection is not trusted again), so the restarted writer replays it.
+                    self.db_up = False
+                    self._drop_conn()
                     raise
-                self._go_down(exc)
-        self._buffer(batch)
+            except BaseException:
+                # Cancelled mid-write: the connection's state is unknown; the batch is still
+                # buffered, the drain spools it.
+                self.db_up = False
+                self._drop_conn()
+                raise
+            else:
+                self._unbuffer(batch)
+                return
         if self.memory_rows > self.settings.buffer_max_rows:
             await self._spill()
 
@@ -289,6 +325,13 @@ class _Writer:
     def _buffer(self, batch: Batch) -> None:
         self.memory.append(batch)
         self.memory_rows += len(batch.rows)
+
+    def _unbuffer(self, batch: Batch) -> None:
+        for i, item in enumerate(self.memory):
+            if item is batch:
+                del self.memory[i]
+                self.memory_rows -= len(batch.rows)
+                return
 
     async def _spill(self) -> None:
         """Move the whole in-memory buffer (oldest first) to the spool, fsync'ed."""
@@ -355,26 +398,41 @@ class _Writer:
 
     def _start_recovery(self, reason: str) -> None:
         self.ctx.set_degraded(f"writer: {reason}")
-        if not self.recovering and self._tg is not None:
+        if not self.recovering and not self.stopping and self._tg is not None:
             self.recovering = True
             self._recovery_done = anyio.Event()
-            self._tg.start_soon(self._recover)
+            # The scope exists before the task starts: the drain can cancel a recovery that
+            # is scheduled but not yet running.
+            scope = self._recovery_scope = anyio.CancelScope()
+            self._tg.start_soon(self._recover, scope)
         self._publish()
 
-    async def _recover(self) -> None:
+    async def _recover(self, scope: anyio.CancelScope) -> None:
         try:
-            with anyio.CancelScope() as scope:
-                self._recovery_scope = scope
-                while True:
+            odd_errors = 0
+            with scope:
+                while not self.stopping:
                     if self.conn is None:
                         self.conn = await self._reconnect()
                         self._publish()
                     try:
                         await self._replay()
                     except Exception as exc:
-                        if not dbcopy.is_database_down(exc):
-                            raise
-                        self.log.warning("db_connection_lost", error=_err(exc), during="replay")
+                        if dbcopy.is_database_down(exc):
+                            self.log.warning("db_connection_lost", error=_err(exc), during="replay")
+                        elif isinstance(exc, asyncpg.PostgresError) and odd_errors < _MAX_REPLAY_ERRORS:
+                            # Statement timeout, deadlock, ...: retry on a fresh connection.
+                            odd_errors += 1
+                            self.log.error(
+                                "db_write_failed",
+                                error=_err(exc),
+                                sqlstate=getattr(exc, "sqlstate", None),
+                                during="replay",
+                                attempt=odd_errors,
+                            )
+                            await anyio.sleep(self.reconnect_initial_s * 2**odd_errors)
+                        else:
+                            raise  # the drain spools the buffer; the restarted writer replays it
                         self._drop_conn()
                         continue
                     async with self.spool_lock:
@@ -395,7 +453,8 @@ class _Writer:
                     self._publish()
                     return
         finally:
-            self._recovery_scope = None
+            if self._recovery_scope is scope:
+                self._recovery_scope = None
             self.recovering = False
             self._recovery_done.set()
 
@@ -438,6 +497,16 @@ class _Writer:
                 leased = await anyio.to_thread.run_sync(self.spool.lease_oldest)
             if leased is not None:
                 path, batches = leased
+                if self.spool.lease_error is not None:
+                    lost = self.spool.lost_rows - self._spool_lost_seen
+                    self._spool_lost_seen = self.spool.lost_rows
+                    self.dropped_rows += lost
+                    self.log.error(
+                        "spool_segment_corrupt",
+                        detail=self.spool.lease_error,
+                        dropped_rows=lost,
+                        dropped_rows_total=self.dropped_rows,
+                    )
                 fresh_rows = skipped = 0
                 for batch in batches:
                     if await self._replay_one(batch):
@@ -527,39 +596,45 @@ class _Writer:
     # -- shutdown -------------------------------------------------------------------------------
 
     async def _drain(self) -> None:
-        """Commit what is queued, or spool it; called shielded, within the shutdown budget."""
-        rows = self.builder.take()
-        rows.extend(self._drain_channel_nowait())
-        rows = await self._clean(rows)
-        if rows:
-            self._buffer(Batch(uuid.uuid4(), rows))
-        if self.recovering:
-            if self._recovery_scope is not None:
-                self._recovery_scope.cancel()
-            await self._recovery_done.wait()  # its in-flight batch is back in the buffer
+        """Commit what is queued, or spool it; called shielded, within the shutdown budget.
+
+        Whatever happens (budget spent, a recovery that never ends, an error), what is still
+        buffered is spooled at the end, under its own shield."""
+        self.stopping = True
         committed = 0
-        if self.db_up and self.conn is not None:
-            try:
-                with anyio.move_on_after(max(0.0, self.shutdown_budget_s - 1.0)):
-                    while self.memory:
-                        batch = self.memory[0]
-                        await self._write(batch)
-                        self.memory.popleft()
-                        self.memory_rows -= len(batch.rows)
-                        committed += len(batch.rows)
-            except Exception as exc:
-                self.log.warning("db_write_failed_at_shutdown", error=_err(exc))
-                self._drop_conn()
-        spooled = self.memory_rows
-        if self.memory:
-            await self._spill()
-        self.log.info(
-            "writer_drained",
-            committed_rows=committed,
-            spooled_rows=spooled,
-            spool_rows=self.spool.rows,
-            rows_total=self.rows_total,
-        )
+        try:
+            rows = self.builder.take()
+            rows.extend(self._drain_channel_nowait())
+            await self._clean_and_buffer(rows)
+            if self._recovery_scope is not None:
+                self._recovery_scope.cancel()  # also one scheduled but not yet running
+            if self.recovering:
+                with anyio.move_on_after(max(0.1, self.shutdown_budget_s / 4)):
+                    await self._recovery_done.wait()  # its in-flight batch is back in the buffer
+            if self.db_up and self.conn is not None:
+                try:
+                    with anyio.move_on_after(max(0.0, self.shutdown_budget_s - 1.0)):
+                        while self.memory:
+                            batch = self.memory[0]
+                            await self._write(batch)
+                            self.memory.popleft()
+                            self.memory_rows -= len(batch.rows)
+                            committed += len(batch.rows)
+                except Exception as exc:
+                    self.log.warning("db_write_failed_at_shutdown", error=_err(exc))
+                    self._drop_conn()
+        finally:
+            with anyio.CancelScope(shield=True):
+                spooled = self.memory_rows
+                if self.memory:
+                    await self._spill()
+                self.log.info(
+                    "writer_drained",
+                    committed_rows=committed,
+                    spooled_rows=spooled,
+                    spool_rows=self.spool.rows,
+                    rows_total=self.rows_total,
+                )
 
     def _drain_channel_nowait(self) -> list[GreeksSnapshot]:
         rx = self.ctx.receivers.get("rows")

@@ -50,8 +50,33 @@ _DOWN_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300", "53", "58")
 Hook = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
+# asyncpg functions that read the DSN, its options and the files it names (SSL certificates,
+# passfile) before any connection is attempted: an error raised inside them is a configuration
+# error, never an outage, even when it is an OSError (a missing or unreadable certificate).
+_CONFIG_FUNCTIONS = frozenset({"_parse_connect_dsn_and_args", "_parse_connect_arguments"})
+
+
+def is_configuration_error(exc: BaseException) -> bool:
+    """True for a connection setting no retry can cure: a bad DSN option (``sslmode=bogus``,
+    ``target_session_attrs=nope``) or a file it names that cannot be read (``sslrootcert``).
+
+    A missing Unix socket is also a ``FileNotFoundError`` but means "server down", so OSErrors
+    count only when raised while asyncpg parses the connection arguments."""
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        return True
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name in _CONFIG_FUNCTIONS:
+                return True
+            tb = tb.tb_next
+    return False
+
+
 def is_database_down(exc: BaseException) -> bool:
     """True for errors a reconnect may cure (network, shutdown, too many connections)."""
+    if is_configuration_error(exc):
+        return False
     if isinstance(
         exc,
         OSError

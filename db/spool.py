@@ -113,6 +113,7 @@ class Segment:
     path: Path
     bytes: int
     rows: int
+    sealed: bool = False  # a failed append could not be undone: no more appends here
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +133,10 @@ class Spool:
         self.repaired: list[str] = []  # what open() had to cut off (logged by the caller)
         self._next = 1
         self._leased: Path | None = None
+        # Rows of replayed segments that could not be decoded (a torn or corrupt frame): the
+        # caller adds the increase to its dropped count; ``lease_error`` says why, per lease.
+        self.lost_rows = 0
+        self.lease_error: str | None = None
 
     @property
     def rows(self) -> int:
@@ -174,12 +179,16 @@ class Spool:
         data = b"".join(encode_batch(b) for b in batches)
         rows = sum(len(b) for b in batches)
         seg = self.segments[-1] if self.segments else None
-        if seg is None or seg.bytes >= self.segment_bytes or seg.path == self._leased:
+        if seg is None or seg.sealed or seg.bytes >= self.segment_bytes or seg.path == self._leased:
             seg = self._new_segment()
-        with seg.path.open("ab") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with seg.path.open("ab") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            self._undo_append(seg)
+            raise
         seg.bytes += len(data)
         seg.rows += rows
         return self._enforce_limit()
@@ -194,6 +203,13 @@ class Spool:
         seg = self.segments[0]
         self._leased = seg.path
         decoded = decode_frames(seg.path.read_bytes())
+        self.lease_error = None
+        if decoded.error is not None:
+            lost = max(0, seg.rows - sum(len(b) for b in decoded.batches))
+            self.lost_rows += lost
+            self.lease_error = (
+                f"{seg.path.name}: {decoded.error} at byte {decoded.valid_bytes}, {lost} rows unreadable"
+            )
         return seg.path, decoded.batches
 
     def release(self, path: Path) -> None:
@@ -202,6 +218,17 @@ class Spool:
         self.segments = [s for s in self.segments if s.path != path]
         path.unlink(missing_ok=True)
         self._fsync_dir()
+
+    def _undo_append(self, seg: Segment) -> None:
+        """Cut a partly written frame (ENOSPC, EIO) back off, so that later appends are not
+        stranded behind a torn frame; if even that fails, seal the segment."""
+        try:
+            with seg.path.open("r+b") as fh:
+                fh.truncate(seg.bytes)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            seg.sealed = True
 
     def _new_segment(self) -> Segment:
         path = self.directory / f"spool-{self._next:012d}.seg"

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from db.batch import Batch
-from db.spool import HEADER_SIZE, Spool, decode_frames, encode_batch
+from db.spool import HEADER_SIZE, Segment, Spool, decode_frames, encode_batch
 
 from .rows import row, snapshots
 
@@ -126,3 +130,83 @@ def test_empty_append_is_a_noop(tmp_path: Path) -> None:
     assert spool.append([]).dropped_rows == 0
     assert spool.lease_oldest() is None
     assert decode_frames(b"").batches == []
+
+
+def _torn_fsync(real_fsync: Any, cut: int) -> Any:
+    """An ``os.fsync`` that fails once like ENOSPC, leaving the last ``cut`` bytes unwritten."""
+    calls = 0
+
+    def fsync(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            os.ftruncate(fd, os.fstat(fd).st_size - cut)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    return fsync
+
+
+def test_failed_append_leaves_no_torn_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange
+    spool = Spool(tmp_path, 1 << 30).open()
+    a, b, c = (Batch(uuid.uuid4(), [row(i), row(i + 1)]) for i in (0, 2, 4))
+    spool.append([a])
+    import db.spool
+
+    monkeypatch.setattr(db.spool.os, "fsync", _torn_fsync(os.fsync, len(encode_batch(b)) // 2))
+
+    # Act: b's append fails half written; c's succeeds afterwards.
+    with pytest.raises(OSError):
+        spool.append([b])
+    spool.append([c])
+
+    # Assert: c is not stranded behind b's torn frame.
+    leased = spool.lease_oldest()
+    assert leased is not None
+    assert [x.batch_id for x in leased[1]] == [a.batch_id, c.batch_id]
+    assert spool.lease_error is None
+    assert spool.rows == 4
+    assert decode_frames(leased[0].read_bytes()).error is None
+
+
+def test_append_seals_the_segment_when_the_cut_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path, 1 << 30).open()
+    a, b, c = (Batch(uuid.uuid4(), [row(i)]) for i in range(3))
+    spool.append([a])
+    import db.spool
+
+    monkeypatch.setattr(db.spool.os, "fsync", _torn_fsync(os.fsync, 3))
+    monkeypatch.setattr(Spool, "_undo_append", _seal_only)
+    with pytest.raises(OSError):
+        spool.append([b])
+    spool.append([c])
+
+    assert len(spool) == 2  # c went to a fresh segment
+    replayed = []
+    while (leased := spool.lease_oldest()) is not None:
+        replayed += [x.batch_id for x in leased[1]]
+        spool.release(leased[0])
+    assert replayed == [a.batch_id, c.batch_id]
+    assert spool.lost_rows == 0
+
+
+def _seal_only(self: Spool, seg: Segment) -> None:
+    seg.sealed = True  # as when truncating fails too
+
+
+def test_lease_counts_rows_it_cannot_read(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 1 << 30).open()
+    a, b = (Batch(uuid.uuid4(), [row(i) for i in range(k, k + 5)]) for k in (0, 5))
+    spool.append([a, b])
+    path = spool.segments[0].path
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # b's frame corrupted on disk
+
+    leased = spool.lease_oldest()
+
+    assert leased is not None
+    assert [x.batch_id for x in leased[1]] == [a.batch_id]
+    assert spool.lost_rows == 5
+    assert spool.lease_error is not None
+    assert "checksum" in spool.lease_error
