@@ -149,7 +149,7 @@ def run_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from config.logging import configure_logging, get_logger
+    from config.logging import configure_logging, get_logger, redact_text
 
     configure_logging(settings.log_level, settings.log_format)
     import anyio
@@ -160,7 +160,7 @@ def run_command(args: argparse.Namespace) -> int:
         return anyio.run(run_engine, settings, backend="asyncio")
     except FatalError as exc:
         get_logger(actor="engine").critical("engine_failed", error=str(exc))
-        print(str(exc), file=sys.stderr)
+        print(redact_text(str(exc)), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

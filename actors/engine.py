@@ -6,10 +6,15 @@ supervisor stops them in reverse order with a drain.
 
 from __future__ import annotations
 
+import signal
 import time
 from contextlib import AsyncExitStack
+from typing import Any
 
-from config.logging import get_logger
+import anyio
+import anyio.abc
+
+from config.logging import get_logger, redact_text
 from config.settings import Settings
 from supervisor.errors import FatalError
 from supervisor.spec import ActorSpec, Backoff, ChannelSpec, Intensity, Restart
@@ -36,77 +41,110 @@ def live_unavailable(settings: Settings) -> str | None:
 
 async def run_engine(settings: Settings) -> int:
     """Start the database, build the tree, run it until SIGINT/SIGTERM. Returns the exit code."""
-    from actors.demo import make_demo_feed
-    from actors.normalizer import make_normalizer
-    from actors.writer import make_writer
     from db.embedded import EmbeddedError, database
     from simulator.market import Market, MarketConfig
 
     log = get_logger(actor="engine")
     brokers = {b: settings.broker_mode(b) for b in settings.brokers}
-    log.info("engine_starting", mode=settings.mode, brokers=brokers, status_file=str(settings.status_file))
-    log.warning(
-        "simulated_data",
-        brokers=[b for b, m in brokers.items() if m == "simulated"],
-        detail="rows come from the seeded market simulator, not from a broker",
-        seed=settings.sim.seed,
-    )
-    registry = StatusRegistry(mode=settings.mode, clock=time.time)
+    registry = StatusRegistry(mode=settings.mode, clock=time.time, redact=redact_text)
     registry.publish("brokers", dict(brokers))
     backoff, intensity = _policy(settings)
     market = Market(
         MarketConfig(seed=settings.sim.seed, positions=settings.sim.positions, rate_hz=settings.sim.rate_hz),
         start_ts=time.time(),
     )
-    async with AsyncExitStack() as stack:
-        try:
-            dsn = await stack.enter_async_context(database(settings.db))
-        except EmbeddedError as exc:
-            raise FatalError(f"embedded PostgreSQL could not start: {exc}") from None
-        specs = [
-            ActorSpec(
-                "writer",
-                make_writer(settings.db, dsn),
-                Restart.PERMANENT,
-                backoff,
-                intensity,
-                inputs=("rows",),
-            ),
-            ActorSpec(
-                "normalizer",
-                make_normalizer(),
-                Restart.PERMANENT,
-                backoff,
-                intensity,
-                inputs=("raw",),
-                outputs=("rows",),
-            ),
-        ]
-        specs += [
-            ActorSpec(
-                broker,
-                make_demo_feed(broker, market, settings.sim.rate_hz),
-                Restart.PERMANENT,
-                backoff,
-                intensity,
-                outputs=("raw",),
-                meta={"broker": broker},
-            )
-            for broker in settings.brokers
-        ]
-        channels = [
-            ChannelSpec("raw", settings.channels.raw_capacity),
-            ChannelSpec("rows", settings.channels.rows_capacity),
-        ]
-        supervisor = Supervisor(
-            specs,
-            channels,
-            registry,
-            status_file=settings.status_file,
-            status_interval_s=settings.status_interval_s,
-            shutdown_timeout_s=settings.shutdown_timeout_s,
-            handle_signals=True,
-            critical=("writer", "normalizer"),
+    supervisor: Supervisor | None = None
+    stop_before_start = anyio.Event()
+
+    async def watch_signals(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        # The engine owns SIGINT/SIGTERM for its whole life, the database start and stop
+        # included, so a signal never kills it without a drain or leaves a postmaster behind.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if supervisor is None:
+                    log.info("stop_requested", signal=name, phase="startup")
+                    stop_before_start.set()
+                elif supervisor.stopping:
+                    log.warning("second_signal_forcing_exit", signal=name)
+                    supervisor.force_stop()
+                else:
+                    log.info("stop_requested", signal=name)
+                    supervisor.request_stop()
+
+    fatal: FatalError | None = None
+    code = 0
+    async with anyio.create_task_group() as tg:
+        await tg.start(watch_signals)
+        log.info(
+            "engine_starting", mode=settings.mode, brokers=brokers, status_file=str(settings.status_file)
         )
-        return await supervisor.run()
-    return 1  # pragma: no cover - unreachable, keeps mypy happy about the async with
+        log.warning(
+            "simulated_data",
+            brokers=[b for b, m in brokers.items() if m == "simulated"],
+            detail="rows come from the seeded market simulator, not from a broker",
+            seed=settings.sim.seed,
+        )
+        async with AsyncExitStack() as stack:
+            try:
+                with anyio.CancelScope(shield=True):  # a started server is always stopped again
+                    dsn = await stack.enter_async_context(database(settings.db))
+            except EmbeddedError as exc:
+                fatal = FatalError(f"embedded PostgreSQL could not start: {exc}")
+            if fatal is None and stop_before_start.is_set():
+                log.info("engine_stopped_before_start")
+            elif fatal is None:
+                supervisor = Supervisor(
+                    _specs(settings, dsn, market, backoff, intensity),
+                    [
+                        ChannelSpec("raw", settings.channels.raw_capacity),
+                        ChannelSpec("rows", settings.channels.rows_capacity),
+                    ],
+                    registry,
+                    status_file=settings.status_file,
+                    status_interval_s=settings.status_interval_s,
+                    shutdown_timeout_s=settings.shutdown_timeout_s,
+                    critical=("writer", "normalizer"),
+                )
+                code = await supervisor.run()
+        tg.cancel_scope.cancel()
+    if fatal is not None:
+        raise fatal
+    return code
+
+
+def _specs(
+    settings: Settings, dsn: str, market: Any, backoff: Backoff, intensity: Intensity
+) -> list[ActorSpec]:
+    from actors.demo import make_demo_feed
+    from actors.normalizer import make_normalizer
+    from actors.writer import make_writer
+
+    specs = [
+        ActorSpec(
+            "writer", make_writer(settings.db, dsn), Restart.PERMANENT, backoff, intensity, inputs=("rows",)
+        ),
+        ActorSpec(
+            "normalizer",
+            make_normalizer(),
+            Restart.PERMANENT,
+            backoff,
+            intensity,
+            inputs=("raw",),
+            outputs=("rows",),
+        ),
+    ]
+    specs += [
+        ActorSpec(
+            broker,
+            make_demo_feed(broker, market, settings.sim.rate_hz),
+            Restart.PERMANENT,
+            backoff,
+            intensity,
+            outputs=("raw",),
+            meta={"broker": broker},
+        )
+        for broker in settings.brokers
+    ]
+    return specs

@@ -45,7 +45,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "LOG_FORMAT": ("json", "`json` (one object per line on stdout) or `console` for humans"),
     "VAR_DIR": ("var", "directory for local state (status file, embedded database, spool)"),
     "STATUS_FILE": ("$VAR_DIR/status.json", "path of the status file"),
-    "STATUS_INTERVAL_S": ("1", "seconds between status file rewrites (also on every change)"),
+    "STATUS_INTERVAL_S": ("1", "seconds between status file rewrites (also on every change), at most 5"),
     "SHUTDOWN_TIMEOUT_S": ("10", "seconds an actor may take to drain on SIGINT/SIGTERM"),
     "SIMULATE": ("false", "force the broker simulators even when credentials are set"),
     "BROKERS": ("ibkr,tastytrade", "comma-separated brokers to stream"),
@@ -346,7 +346,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         log_format=LogFormat(r.choice("LOG_FORMAT", "json", tuple(f.value for f in LogFormat))),
         var_dir=var_dir,
         status_file=r.path("STATUS_FILE", var_dir / "status.json"),
-        status_interval_s=r.number("STATUS_INTERVAL_S", 1.0, high=3600),
+        # at most 5 s: `run.py status` calls a file older than 10 s stale
+        status_interval_s=r.number("STATUS_INTERVAL_S", 1.0, high=5),
         shutdown_timeout_s=r.number("SHUTDOWN_TIMEOUT_S", 10.0),
         simulate=r.boolean("SIMULATE", False),
         brokers=brokers,

@@ -71,6 +71,9 @@ class StatusRegistry:
     channel_stats: Callable[[], dict[str, dict[str, int]]] = dict
     phase: Overall | None = None  # STOPPING / STOPPED override the computed status
     on_change: Callable[[], None] | None = None
+    # Error texts and reasons can carry secrets (a DSN, a token in a URL): the composition root
+    # passes the log redactor, so the status file shows what the logs show.
+    redact: Callable[[str], str] = str
 
     def __post_init__(self) -> None:
         if not self.started_at:
@@ -84,7 +87,7 @@ class StatusRegistry:
         changed = health.state != state
         health.state = state
         if error is not None:
-            health.last_error = error
+            health.last_error = self.redact(error)
             changed = True
         if changed:
             self._changed()
@@ -105,7 +108,7 @@ class StatusRegistry:
         if reason is None:
             self.degraded.pop(name, None)
         else:
-            self.degraded[name] = reason
+            reason = self.degraded[name] = self.redact(reason)
         if before != reason:
             self._changed()
 

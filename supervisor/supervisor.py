@@ -9,7 +9,8 @@ Lifecycle
   siblings).
 - Each actor runs in its own cancel scope; a crash is caught in its own restart loop and never
   reaches the task group, so siblings are untouched.
-- ``request_stop()`` (SIGINT/SIGTERM, or a :class:`FatalError`) drains in reverse order: source
+- ``request_stop()`` (the composition root maps SIGINT/SIGTERM to it; a :class:`FatalError`
+  calls it too) drains in reverse order: source
   actors (no inputs) are cancelled; every other actor is awaited until its inputs end
   (``EndOfStream`` once all upstream send ends are closed) so queued items are processed, bounded by
   ``shutdown_timeout_s``; after an actor stops, the supervisor closes its own original send end of
@@ -19,7 +20,6 @@ Lifecycle
 from __future__ import annotations
 
 import math
-import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -110,7 +110,6 @@ class Supervisor:
         shutdown_timeout_s: float = 10.0,
         sleep: SleepFn = anyio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
-        handle_signals: bool = False,
         critical: Sequence[str] = (),
     ) -> None:
         names = [s.name for s in specs]
@@ -128,7 +127,6 @@ class Supervisor:
         self.shutdown_timeout_s = shutdown_timeout_s
         self._sleep = sleep
         self._monotonic = monotonic
-        self._handle_signals = handle_signals
         self.log = structlog.get_logger().bind(actor="supervisor")
         self.exit_code = 0
         self.status_write_errors = 0
@@ -184,8 +182,6 @@ class Supervisor:
             self.log.info("supervisor_started", actors=[s.name for s in self.specs])
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._status_ticker)
-                if self._handle_signals:
-                    tg.start_soon(self._signal_watcher)
                 startup_done = anyio.Event()
                 tg.start_soon(self._start_all, tg, startup_done)
                 await self._stop.wait()
@@ -243,16 +239,6 @@ class Supervisor:
             with anyio.move_on_after(self.status_interval_s):
                 await self._status_dirty.wait()
             self._status_dirty = anyio.Event()
-
-    async def _signal_watcher(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                if self.stopping:
-                    self.log.warning("second_signal_forcing_exit", signal=signal.Signals(signum).name)
-                    self.force_stop()
-                    continue
-                self.log.info("stop_requested", signal=signal.Signals(signum).name)
-                self.request_stop()
 
     async def _supervise(self, runner: _Runner, *, task_status: TaskStatus[None]) -> None:
         spec = runner.spec

@@ -181,7 +181,7 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
         (
             "STATUS_INTERVAL_S",
             "abc",
-            "config error: STATUS_INTERVAL_S (got 'abc'): expected a number > 0 and <= 3600",
+            "config error: STATUS_INTERVAL_S (got 'abc'): expected a number > 0 and <= 5",
         ),
         (
             "DATABASE_URL",
@@ -254,3 +254,28 @@ def test_live_credentials_without_live_actors_exit_2_without_leaking(tmp_path: P
     ]
     assert "s3cret-value" not in result.stderr + result.stdout
     assert "r3fresh-value" not in result.stderr + result.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.postgres
+def test_sigterm_while_the_embedded_database_starts_exits_0_and_stops_it(tmp_path: Path) -> None:
+    """`docker stop` right after start: no orphaned postmaster, no traceback, exit 0."""
+    env = engine_env(tmp_path)
+    env.pop("DATABASE_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "run.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())  # logged before the database starts
+        assert first["event"] == "engine_starting"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    events = [json.loads(line)["event"] for line in out.decode().splitlines()]
+    assert "stop_requested" in events
+    assert not list((tmp_path / "var" / "postgres").rglob("postmaster.pid"))

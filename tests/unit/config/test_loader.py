@@ -13,9 +13,9 @@ from config.settings import LogFormat, Secret
 BAD_VALUES = [
     ("LOG_LEVEL", "LOUD", "LOG_LEVEL (got 'LOUD'): expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("LOG_FORMAT", "xml", "LOG_FORMAT (got 'xml'): expected one of json, console"),
-    ("STATUS_INTERVAL_S", "abc", "STATUS_INTERVAL_S (got 'abc'): expected a number > 0 and <= 3600"),
-    ("STATUS_INTERVAL_S", "0", "STATUS_INTERVAL_S (got '0'): expected a number > 0 and <= 3600"),
-    ("STATUS_INTERVAL_S", "nan", "STATUS_INTERVAL_S (got 'nan'): expected a number > 0 and <= 3600"),
+    ("STATUS_INTERVAL_S", "abc", "STATUS_INTERVAL_S (got 'abc'): expected a number > 0 and <= 5"),
+    ("STATUS_INTERVAL_S", "0", "STATUS_INTERVAL_S (got '0'): expected a number > 0 and <= 5"),
+    ("STATUS_INTERVAL_S", "nan", "STATUS_INTERVAL_S (got 'nan'): expected a number > 0 and <= 5"),
     ("SHUTDOWN_TIMEOUT_S", "-1", "SHUTDOWN_TIMEOUT_S (got '-1'): expected a number > 0"),
     ("SIMULATE", "maybe", "SIMULATE (got 'maybe'): expected true or false (1/0, yes/no, on/off)"),
     (

@@ -197,3 +197,20 @@ async def test_unwritable_status_file_is_logged_once_and_recovery_noted(tmp_path
     events = [(e["event"], e.get("failures")) for e in logs]
     assert events == [("status_write_failed", None), ("status_write_recovered", 3)]
     assert (blocker / "status.json").exists()
+
+
+def test_errors_and_reasons_are_redacted_in_the_status_document() -> None:
+    from config.logging import redact_text
+
+    reg = StatusRegistry(mode="simulated", clock=lambda: 0.0, redact=redact_text)
+    reg.add_actor("writer", critical=True)
+    reg.set_state(
+        "writer",
+        ActorState.RESTARTING,
+        error="OSError: connect postgresql://app:hunter2@db/x?token=SECRET123",
+    )
+    reg.set_degraded("writer", "spooling: Authorization: Bearer abcdefSECRET")
+    text = json.dumps(render_status(reg, 0.0))
+    for secret in ("hunter2", "SECRET123", "abcdefSECRET"):
+        assert secret not in text
+    assert "postgresql://app:[REDACTED]@db/x" in text
