@@ -22,6 +22,7 @@ import orjson
 
 from config.loader import ConfigError, load_env, load_settings
 from config.settings import Settings
+from supervisor.status import STATUS_EXIT_CODES
 
 STALE_AFTER_S = 10.0
 
@@ -89,7 +90,7 @@ def status_command(args: argparse.Namespace, now: float | None = None) -> int:
     except (KeyError, ValueError):
         age = float("inf")
     stale = age > STALE_AFTER_S and status not in ("stopped",)
-    code = {"ok": 0, "degraded": 1}.get(status, 2)
+    code = STATUS_EXIT_CODES.get(status, 2)
     if stale:
         code = 2
     if args.json:

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,20 @@ def wait_for(predicate: Any, timeout: float, proc: subprocess.Popen[bytes]) -> A
     pytest.fail(f"condition not met in {timeout} s:\n{out.decode()[-3000:]}\n{err.decode()[-3000:]}")
 
 
+@contextmanager
+def engine_process(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`python run.py` as a subprocess, killed if the test leaves it running."""
+    proc = subprocess.Popen(
+        [sys.executable, "run.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def run_status(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "run.py", "status", *args],
@@ -111,10 +127,7 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
         anyio.run(_admin, url, f'CREATE DATABASE "{name}"')
         env["DATABASE_URL"] = url.rsplit("/", 1)[0] + "/" + name
     status_file = tmp_path / "var" / "status.json"
-    proc = subprocess.Popen(
-        [sys.executable, "run.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
+    with engine_process(env) as proc:
 
         def healthy() -> dict[str, Any] | None:
             doc = read_status(status_file)
@@ -143,10 +156,6 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
 
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err.decode()[-3000:]
     lines = [json.loads(line) for line in out.decode().splitlines()]
     events = [line["event"] for line in lines]
@@ -262,10 +271,7 @@ def test_sigterm_while_the_embedded_database_starts_exits_0_and_stops_it(tmp_pat
     """`docker stop` right after start: no orphaned postmaster, no traceback, exit 0."""
     env = engine_env(tmp_path)
     env.pop("DATABASE_URL", None)
-    proc = subprocess.Popen(
-        [sys.executable, "run.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
+    with engine_process(env) as proc:
         assert proc.stdout is not None
         # engine_starting is logged before the database starts (other lines, e.g. asyncio debug
         # warnings under PYTHONASYNCIODEBUG=1, may come first)
@@ -275,10 +281,6 @@ def test_sigterm_while_the_embedded_database_starts_exits_0_and_stops_it(tmp_pat
         assert seen[-1] == "engine_starting", seen
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err.decode()[-3000:]
     events = [json.loads(line)["event"] for line in out.decode().splitlines()]
     assert "stop_requested" in events
