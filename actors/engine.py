@@ -1,23 +1,29 @@
 """The engine's wiring: which actors run, joined by which channels (the composition root's body).
 
-Start order: writer (database ready, schema migrated) -> normalizer -> broker feeds; the
+Start order: writer (database ready, schema migrated) -> normalizer -> broker actors; the
 supervisor stops them in reverse order with a drain.
+
+A simulated broker (no credentials, or ``--simulate``) is the project's own simulator of that
+broker, started here on a free loopback port (:func:`broker_simulators`), and the broker's real
+wire-protocol actor runs against it: the settings the actor sees point at the simulator.
 """
 
 from __future__ import annotations
 
 import signal
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import anyio
 import anyio.abc
 
 from config.logging import get_logger, redact_text
-from config.settings import Settings
+from config.settings import Secret, Settings
 from supervisor.errors import FatalError
-from supervisor.spec import ActorSpec, Backoff, ChannelSpec, Intensity, Restart
+from supervisor.spec import ActorSpec, Backoff, ChannelSpec, Intensity, Restart, RunFn
 from supervisor.status import StatusRegistry
 from supervisor.supervisor import Supervisor
 
@@ -37,6 +43,55 @@ def live_unavailable(settings: Settings) -> str | None:
     if "tastytrade" in settings.brokers and settings.broker_mode("tastytrade") == "live":
         return "TT_CLIENT_SECRET"
     return None
+
+
+SIMULATED_SECRET = "simulated"  # the credentials handed to the local Tastytrade simulator
+
+
+def with_simulators(settings: Settings, sims: Any) -> Settings:
+    """``settings`` with each simulated broker pointed at its simulator in ``sims``
+    (:class:`simulator.api.Simulators`); live brokers are left as they are."""
+    if sims.ibkr is not None:
+        settings = replace(
+            settings,
+            ibkr=replace(
+                settings.ibkr,
+                gateway_url=sims.ibkr.base_url,
+                ca_file=None,
+                verify_tls=True,
+                session_cookie=None,
+            ),
+        )
+    if sims.tastytrade is not None:
+        settings = replace(
+            settings,
+            tastytrade=replace(
+                settings.tastytrade,
+                api_url=sims.tastytrade.api_url,
+                client_secret=Secret(SIMULATED_SECRET),
+                refresh_token=Secret(SIMULATED_SECRET),
+            ),
+        )
+    return settings
+
+
+@asynccontextmanager
+async def broker_simulators(settings: Settings, modes: dict[str, str]) -> AsyncIterator[Settings]:
+    """Start the simulators of the brokers that ``modes`` marks ``simulated`` (one shared market
+    from the ``SIM_*`` settings, free loopback ports); yield the settings the actors should use."""
+    simulated = [b for b, m in modes.items() if m == "simulated"]
+    if not simulated:
+        yield settings
+        return
+    from simulator.api import run_simulators
+    from simulator.market import MarketConfig
+
+    config = MarketConfig(
+        seed=settings.sim.seed, positions=settings.sim.positions, rate_hz=settings.sim.rate_hz
+    )
+    async with run_simulators(config, brokers=simulated) as sims:
+        get_logger(actor="engine").info("simulators_started", brokers=simulated, **sims.urls())
+        yield with_simulators(settings, sims)
 
 
 async def run_engine(settings: Settings) -> int:
@@ -95,8 +150,9 @@ async def run_engine(settings: Settings) -> int:
             if fatal is None and stop_before_start.is_set():
                 log.info("engine_stopped_before_start")
             elif fatal is None:
+                effective = await stack.enter_async_context(broker_simulators(settings, brokers))
                 supervisor = Supervisor(
-                    _specs(settings, dsn, market, backoff, intensity),
+                    _specs(effective, dsn, brokers, market, backoff, intensity),
                     [
                         ChannelSpec("raw", settings.channels.raw_capacity),
                         ChannelSpec("rows", settings.channels.rows_capacity),
@@ -114,10 +170,23 @@ async def run_engine(settings: Settings) -> int:
     return code
 
 
-def _specs(
-    settings: Settings, dsn: str, market: Any, backoff: Backoff, intensity: Intensity
-) -> list[ActorSpec]:
+def _broker_run(broker: str, settings: Settings, mode: str, market: Any) -> RunFn:
+    """The actor of one broker. ``settings`` already point a simulated broker at its simulator.
+
+    The demo feeds stand in until each broker's wire-protocol actor lands."""
     from actors.demo import make_demo_feed
+
+    return make_demo_feed(broker, market, settings.sim.rate_hz)
+
+
+def _specs(
+    settings: Settings,
+    dsn: str,
+    modes: dict[str, str],
+    market: Any,
+    backoff: Backoff,
+    intensity: Intensity,
+) -> list[ActorSpec]:
     from actors.normalizer import make_normalizer
     from actors.writer import make_writer
 
@@ -138,7 +207,7 @@ def _specs(
     specs += [
         ActorSpec(
             broker,
-            make_demo_feed(broker, market, settings.sim.rate_hz),
+            _broker_run(broker, settings, modes[broker], market),
             Restart.PERMANENT,
             backoff,
             intensity,

@@ -20,7 +20,7 @@ import math
 import operator
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -272,7 +272,7 @@ def clean_rows(rows: list[GreeksSnapshot]) -> Cleaned:
                 if (v := getattr(row, name)) is not None and not _finite(v)
             }
             cleared += len(bad)
-            kept.append(replace(row, **bad))
+            kept.append(row._replace(**bad))
     return Cleaned(kept, cleared, rejected)
 
 

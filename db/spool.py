@@ -20,7 +20,7 @@ import struct
 import uuid
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,8 @@ from normalize.model import SNAPSHOT_FIELDS, GreeksSnapshot
 MAGIC = b"GSP1"
 _HEADER = struct.Struct(">4sII")
 HEADER_SIZE = _HEADER.size
-_DATE_FIELDS = frozenset(f.name for f in fields(GreeksSnapshot) if "date" in str(f.type))
-_REQUIRED = frozenset(
-    f.name for f in fields(GreeksSnapshot) if f.default is MISSING and f.default_factory is MISSING
-)
+_DATE_FIELDS = frozenset(n for n, t in GreeksSnapshot.__annotations__.items() if "date" in str(t))
+_REQUIRED = frozenset(SNAPSHOT_FIELDS) - frozenset(GreeksSnapshot._field_defaults)
 
 
 # -- framing (pure) ---------------------------------------------------------------------------

@@ -47,8 +47,9 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
+from normalize.symbology import format_strike
 from simulator.faults import Fault, FaultController
-from simulator.market import Market, SimContract, SimPosition, Tick, format_strike
+from simulator.market import Market, SimContract, SimPosition, Tick
 from simulator.schedule import UpdateSchedule
 
 log = structlog.get_logger("simulator.ibkr")

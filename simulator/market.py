@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from normalize import bsm
+from normalize.symbology import occ_symbol, streamer_symbol
 
 SECONDS_PER_YEAR = 365.0 * 86400.0
 MIN_T_YEARS = 60.0 / SECONDS_PER_YEAR
@@ -163,22 +164,6 @@ class MarketConfig:
             raise ValueError("step_s and path_speed must be > 0")
         if not self.ibkr_accounts or not self.tastytrade_accounts:
             raise ValueError("each broker needs at least one account")
-
-
-def format_strike(strike: float) -> str:
-    """``500.0`` -> ``"500"``, ``412.5`` -> ``"412.5"``, ``5812.25`` -> ``"5812.25"``."""
-    text = f"{strike:.3f}".rstrip("0").rstrip(".")
-    return text
-
-
-def occ_symbol(root: str, expiry: date, right: str, strike: float) -> str:
-    """The 21-character OCC symbol: root padded to 6, YYMMDD, C/P, strike x 1000 padded to 8."""
-    return f"{root:<6}{expiry:%y%m%d}{right}{round(strike * 1000):08d}"
-
-
-def streamer_symbol(root: str, expiry: date, right: str, strike: float) -> str:
-    """The DXLink symbol of an equity/index option: ``.SPXW250117P5812.5``."""
-    return f".{root}{expiry:%y%m%d}{right}{format_strike(strike)}"
 
 
 def _stable_conid(key: str, taken: set[int]) -> int:

@@ -61,9 +61,10 @@ import anyio
 import structlog
 from aiohttp import WSMsgType, web
 
+from normalize.symbology import occ_symbol, streamer_symbol
 from simulator.dxlink_protocol import DxLinkServerProtocol, Event, Subscribed
 from simulator.faults import Fault, FaultController
-from simulator.market import Market, SimContract, SimPosition, Tick, occ_symbol, streamer_symbol
+from simulator.market import Market, SimContract, SimPosition, Tick
 from simulator.schedule import ContractClock, UpdateSchedule
 
 log = structlog.get_logger("simulator.tastytrade")
@@ -452,7 +453,7 @@ class TastytradeSim:
         self.dxlink_url = f"{ws_scheme}://{self.host}:{ws_port}/realtime"
         self._wake = asyncio.Event()
         self._emitter = asyncio.create_task(self._emit_loop(), name="tastytrade-sim-emitter")
-        log.info("tastytrade_sim_started", api_url=self.api_url, dxlink_url=self.dxlink_url)
+        log.info("simulator_started", broker=BROKER, api_url=self.api_url, dxlink_url=self.dxlink_url)
 
     async def _serve(self, app: web.Application, port: int) -> int:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -478,7 +479,7 @@ class TastytradeSim:
             await runner.cleanup()
         self._runners.clear()
         self.faults.remove_listener(self._on_fault)
-        log.info("tastytrade_sim_stopped")
+        log.info("simulator_stopped", broker=BROKER)
 
     async def __aenter__(self) -> TastytradeSim:
         await self.start()

@@ -35,6 +35,11 @@ class ActorContext:
         """Set a top-level section of the status file (e.g. ``writer`` or ``portfolio``)."""
         self.registry.publish(section, data)
 
+    def set_info(self, *, changed: bool = False, **values: Any) -> None:
+        """Add actor-specific keys to this actor's entry in the status file (e.g. ``connection``,
+        ``subscriptions``); ``changed=True`` for a state change worth rewriting the file at once."""
+        self.registry.set_info(self.name, values, changed=changed)
+
     def set_degraded(self, reason: str | None) -> None:
         """Mark the engine degraded for ``reason`` (e.g. spooling); ``None`` clears this actor's flag."""
         self.registry.set_degraded(self.name, reason)

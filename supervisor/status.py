@@ -50,6 +50,7 @@ class ActorHealth:
     events_total: int = 0
     critical: bool = False  # not running => overall "down"
     source: bool = False  # no inputs: when every source is down, overall "down"
+    info: dict[str, Any] = field(default_factory=dict)  # actor-specific keys (connection, ...)
 
 
 def iso(ts: float | None) -> str | None:
@@ -104,6 +105,13 @@ class StatusRegistry:
     def publish(self, section: str, data: dict[str, Any]) -> None:
         self.sections[section] = data
 
+    def set_info(self, name: str, values: dict[str, Any], *, changed: bool = False) -> None:
+        """Merge actor-specific keys into ``actors.<name>`` of the status file (the standard keys
+        win on a clash). ``changed`` rewrites the file at once (a connection state change)."""
+        self.actors[name].info.update(values)
+        if changed:
+            self._changed()
+
     def set_degraded(self, name: str, reason: str | None) -> None:
         before = self.degraded.get(name)
         if reason is None:
@@ -147,7 +155,8 @@ def render_status(registry: StatusRegistry, now: float) -> dict[str, Any]:
         "started_at": iso(registry.started_at),
         "degraded_reasons": dict(registry.degraded),
         "actors": {
-            name: {
+            name: a.info
+            | {
                 "state": a.state.value,
                 "restarts": a.restarts,
                 "last_error": a.last_error,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
@@ -55,7 +54,7 @@ async def test_latest_never_goes_back_in_time(dsn: str) -> None:
     conn = await connect(dsn)
     try:
         newer = [snapshot(1, ts=TS + 10, n_instruments=1)]
-        older = [replace(snapshot(2, ts=TS, n_instruments=1))]
+        older = [snapshot(2, ts=TS, n_instruments=1)]
         await ensure_partitions(conn, days_of(newer))
         assert await write_batch(conn, Batch(uuid.uuid4(), newer))
         assert await write_batch(conn, Batch(uuid.uuid4(), older))

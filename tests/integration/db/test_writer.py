@@ -120,7 +120,7 @@ def pg_dsn_bad_db(dsn: str) -> str:
 
 async def test_rejected_batch_is_kept_aside(dsn: str, db_settings: DatabaseSettings, tmp_path: Path) -> None:
     # A value PostgreSQL refuses (a NUL byte in text) must not stall or kill the writer.
-    bad = replace(snapshot(1), account="U\x00bad")
+    bad = snapshot(1)._replace(account="U\x00bad")
     harness = WriterHarness(db_settings, dsn)
 
     with anyio.fail_after(30):
@@ -140,8 +140,8 @@ async def test_nan_values_are_stored_as_no_value_and_counted(dsn: str, db_settin
     """A NaN Greek is stored as NULL (never a NaN that poisons portfolio sums); a NaN time is set aside."""
     import math
 
-    nan_delta = replace(snapshot(1), delta=math.nan, pos_delta=math.inf)
-    nan_time = replace(snapshot(2), event_ts=math.nan)
+    nan_delta = snapshot(1)._replace(delta=math.nan, pos_delta=math.inf)
+    nan_time = snapshot(2)._replace(event_ts=math.nan)
     harness = WriterHarness(db_settings, dsn)
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:

@@ -62,4 +62,5 @@ snapshots = st.builds(
     pos_theta=maybe,
     pos_vega=maybe,
     seq=st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    greeks_source=st.none() | st.sampled_from(["broker", "model"]),
 )

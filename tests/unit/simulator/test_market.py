@@ -10,14 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.market import (
-    BROKERS,
-    Market,
-    MarketConfig,
-    format_strike,
-    occ_symbol,
-    streamer_symbol,
-)
+from normalize.symbology import format_strike, occ_symbol, streamer_symbol
+from simulator.market import BROKERS, Market, MarketConfig
 
 START = 1_767_000_000.0  # a fixed instant: tests do not depend on today's date
 OCC = re.compile(r"^[A-Z]{1,6} {0,5}\d{6}[CP]\d{8}$")

@@ -94,6 +94,21 @@ def test_render_has_stable_keys_and_counters() -> None:
     assert doc["writer"] == {"rows_total": 3}
 
 
+def test_actor_info_keys_join_the_actor_entry_and_never_hide_standard_keys() -> None:
+    reg = registry_with()
+    changes: list[int] = []
+    reg.on_change = lambda: changes.append(1)
+    reg.set_info("ibkr", {"connection": "connecting", "subscriptions": 0})
+    assert changes == []
+    reg.set_info("ibkr", {"connection": "connected", "state": "bogus"}, changed=True)
+    assert changes == [1]
+    entry = render_status(reg, 100.0)["actors"]["ibkr"]
+    assert entry["connection"] == "connected"
+    assert entry["subscriptions"] == 0
+    assert entry["state"] == "running"
+    assert "connection" not in render_status(reg, 100.0)["actors"]["tastytrade"]
+
+
 def test_status_file_write_is_atomic_for_a_concurrent_reader(tmp_path: Path) -> None:
     """A reader polling the file while it is rewritten never sees partial JSON."""
     path = tmp_path / "status.json"
