@@ -4,7 +4,7 @@
     python3 dev.py run [ARGS...]    create .venv and install if needed, then `python run.py ARGS...`
     python3 dev.py test [ARGS...]   create .venv and install dev extras if needed, then `pytest ARGS...`
     python3 dev.py lint             ruff check, ruff format --check, mypy on the pure modules
-    python3 dev.py bench NAME       python -m bench.NAME
+    python3 dev.py bench NAME       python -m bench NAME
 
 The virtual environment lives in .venv (override with VENV). Installation is redone only when
 pyproject.toml changes (a hash stamp inside the venv).
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         if not rest:
             print("usage: python3 dev.py bench NAME [ARGS...]", file=sys.stderr)
             return 2
-        return run([str(PY), "-m", f"bench.{rest[0]}", *rest[1:]])
+        return run([str(PY), "-m", "bench", *rest])
     print(f"unknown command {command!r}\n{__doc__}", file=sys.stderr)
     return 2
 

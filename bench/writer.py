@@ -371,14 +371,14 @@ async def main(
     return results
 
 
-def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench writer", description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="1000,10000,100000")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--dsn", default=None, help="admin DSN of an existing server")
     parser.add_argument("--modes", default="writer,baseline", help="writer, baseline or both")
     parser.add_argument("--repeat", type=int, default=1, help="runs per rate and mode; medians shown")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rates = [int(r) for r in args.rates.split(",")]
     results = anyio.run(main, rates, args.seconds, args.dsn, tuple(args.modes.split(",")), args.repeat)
     if args.repeat > 1:
