@@ -118,6 +118,8 @@ def _human_status(doc: dict[str, Any], age: float, stale: bool) -> str:
         lines.append(
             "channels: " + ", ".join(f"{n} {c['used']}/{c['capacity']}" for n, c in channels.items())
         )
+    if portfolio := doc.get("portfolio"):
+        lines.extend(_portfolio_lines(portfolio))
     if writer := doc.get("writer"):
         lat = writer.get("latency_ms", {})
         lines.append(
@@ -127,6 +129,25 @@ def _human_status(doc: dict[str, Any], age: float, stale: bool) -> str:
             f"max {lat.get('max')} ms"
         )
     return "\n".join(lines)
+
+
+def _portfolio_lines(portfolio: dict[str, Any]) -> list[str]:
+    """The portfolio Greeks as a short table: one line per underlying, then the total."""
+    lines = [
+        f"portfolio (as of {portfolio.get('as_of') or '-'})",
+        f"  {'underlying':<12}{'positions':>10}{'delta':>12}{'dollar delta':>16}{'gamma':>11}"
+        f"{'theta/day':>12}{'vega/pt':>11}",
+    ]
+    rows = [*portfolio.get("by_underlying", {}).items(), ("total", portfolio.get("total", {}))]
+    for name, e in rows:
+        lines.append(
+            f"  {name:<12}{e.get('positions', 0):>10}{e.get('delta', 0):>12,.1f}"
+            f"{e.get('dollar_delta', 0):>16,.0f}{e.get('gamma', 0):>11,.2f}{e.get('theta', 0):>12,.1f}"
+            f"{e.get('vega', 0):>11,.1f}"
+        )
+    if missing := portfolio.get("positions_without_data"):
+        lines.append(f"  ({missing} positions without data yet)")
+    return lines
 
 
 # ------------------------------------------------------------------------------- run command

@@ -196,7 +196,7 @@ def _specs(
         ),
         ActorSpec(
             "normalizer",
-            make_normalizer(),
+            make_normalizer(risk_free_rate=settings.risk_free_rate),
             Restart.PERMANENT,
             backoff,
             intensity,

@@ -131,7 +131,12 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
 
         def healthy() -> dict[str, Any] | None:
             doc = read_status(status_file)
-            if doc and doc["status"] == "ok" and doc["actors"]["writer"]["events_total"] > 0:
+            if (
+                doc
+                and doc["status"] == "ok"
+                and doc["actors"]["writer"]["events_total"] > 0
+                and doc.get("portfolio", {}).get("total", {}).get("positions", 0) > 0
+            ):
                 return doc
             return None
 
@@ -150,6 +155,11 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
         human = run_status(env=env)
         assert human.returncode == 0, human.stdout + human.stderr
         assert human.stdout.startswith("status: ok")
+        portfolio = doc["portfolio"]
+        assert portfolio["total"]["positions"] > 0
+        assert set(portfolio["by_underlying"]) >= {"SPY", "SPX"}
+        assert "portfolio (as of 20" in human.stdout
+        assert "\n  total " in human.stdout
         raw = run_status("--json", env=env)
         assert raw.returncode == 0
         assert json.loads(raw.stdout)["pid"] == proc.pid
