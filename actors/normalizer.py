@@ -87,6 +87,9 @@ def make_normalizer(
                     blocked = True
                     try:
                         await rows_out.send(batch)
+                    except BaseException:
+                        outbox.requeue(batch)  # cancelled or failed: the next attempt sends it
+                        raise
                     finally:
                         blocked = False
                     continue

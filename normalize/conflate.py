@@ -102,6 +102,27 @@ class Outbox:
         self._sessions = []
         return batch
 
+    def requeue(self, batch: RowsBatch) -> None:
+        """Put back a batch that could not be sent (the send was cancelled or failed), ahead of
+        what is pending: nothing taken is lost when the normalizer restarts. While conflating, a
+        pending newer row of the same position wins over the requeued one (counted)."""
+        self._positions[:0] = batch.positions
+        self._sessions[:0] = batch.sessions
+        if self._conflated is None:
+            self._rows[:0] = batch.rows
+            return
+        merged: dict[tuple[Any, ...], GreeksSnapshot] = {}
+        for row in batch.rows:
+            merged[row[:3]] = row
+        dropped = len(batch.rows) - len(merged)
+        for key, row in self._conflated.items():
+            if key in merged:
+                dropped += 1
+                del merged[key]
+            merged[key] = row
+        self._conflated = merged
+        self._count(dropped)
+
     def end_episode(self) -> int:
         """Rows conflated in the episode that just ended (the channel had room again)."""
         n, self.episode_conflated = self.episode_conflated, 0

@@ -60,3 +60,23 @@ def test_positions_and_sessions_are_never_conflated() -> None:
     assert batch.positions == tuple(snaps)
     assert batch.sessions == (ended,)
     assert len(batch.rows) == 1
+
+
+def test_a_requeued_batch_goes_first_and_loses_only_to_newer_rows_while_conflating() -> None:
+    box = Outbox()
+    box.add([row("U1", "A", 1), row("U1", "B", 1)], [PositionsSnapshot("ibkr", ("U1",), (), 0.0)])
+    taken = box.take()
+    assert taken is not None
+    box.add([row("U1", "C", 2)])
+    box.requeue(taken)  # the send was cancelled
+    again = box.take()
+    assert again is not None
+    assert [(r.instrument, r.seq) for r in again.rows] == [("A", 1), ("B", 1), ("C", 2)]
+    assert len(again.positions) == 1
+
+    box.add([row("U1", "A", 3)], blocked=True)
+    box.requeue(again)  # while conflating: A/3 is newer than the requeued A/1
+    last = box.take()
+    assert last is not None
+    assert sorted((r.instrument, r.seq) for r in last.rows) == [("A", 3), ("B", 1), ("C", 2)]
+    assert box.conflated_total == 1
