@@ -105,6 +105,10 @@ async def serve(args: argparse.Namespace) -> None:
         "tt_client_secret": SECRET,
         "tt_refresh_token": REFRESH,
         "positions": {b: len(market.positions(b)) for b in ("ibkr", "tastytrade")},
+        "options": {
+            b: sum(1 for p in market.positions(b) if p.contract.asset_class == "OPT")
+            for b in ("ibkr", "tastytrade")
+        },
         "rates": feed.rates,
     }
     if args.start:

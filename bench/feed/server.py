@@ -133,6 +133,7 @@ class Feed:
         self.behind = dict.fromkeys(BROKERS, 0)
         self.frames = dict.fromkeys(BROKERS, 0)
         self.wake = asyncio.Event()
+        self.on_start: list[Any] = []  # callables: the servers wake their senders
         # poll mix: every held IBKR contract ticks at rate / contracts, phases staggered
         ibkr_held = sorted(self.held["ibkr"])
         self._poll_rate = self.rates["ibkr"] / len(ibkr_held) if ibkr_held else 0.0
@@ -144,6 +145,8 @@ class Feed:
             self.started_at = now
             self.stopped_at = None
             self.wake.set()
+            for wake in self.on_start:
+                wake()
             log.info("feed_started", rates=self.rates)
 
     def stop(self, now: float) -> None:
@@ -241,8 +244,13 @@ class FastIbkrGateway(IbkrGateway):
     def __init__(self, market: Market, feed: Feed, **kwargs: Any) -> None:
         super().__init__(market, **kwargs)
         self.feed = feed
+        feed.on_start.append(self._wake_all)
         self._fast: dict[int, _IbState] = {}
         self._variants: dict[tuple[int, tuple[str, ...]], list[dict[str, Any]]] = {}
+
+    def _wake_all(self) -> None:
+        for conn in self._connections.values():
+            conn.wake.set()
 
     def subscribed_held(self) -> int:
         held = self.feed.held["ibkr"]
@@ -586,7 +594,8 @@ class FastTastytradeSim(TastytradeSim):
         Returns how long to wait before the next cycle."""
         feed = self.feed
         if self._subs_dirty:
-            self._rebuild()
+            self._rebuild()  # builds templates (model evaluations): take the time after it
+            now = time.time()
         mono = time.monotonic()
         wait = 0.25
         for conn, state in self._fast.items():

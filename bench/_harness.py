@@ -1,0 +1,549 @@
+"""The end-to-end benchmark harness: feed process, contestant process, database, measurements.
+
+One *run* is one contestant (the engine, or a peer of :mod:`bench.peers`) against a fresh feed
+process at one rate for a number of seconds, into a fresh database of one PostgreSQL server that
+every run shares (embedded, started here with fsync and ``synchronous_commit`` on, the engine's
+configuration; or ``--dsn``)::
+
+    feed (python -m bench.feed)  <--wire-->  contestant (python run.py | python -m bench.peers X)
+                                                  |
+                                                  +--> PostgreSQL (database bench_<n>)
+
+1. Start the feed; start the contestant pointed at it; wait until the feed sees every position of
+   the brokers the contestant consumes subscribed (the REST start-up and handshakes are done).
+2. Sample CPU time (``/proc/<pid>/stat`` utime+stime) of the contestant, the feed and the
+   PostgreSQL server; ``POST /start``; run ``seconds``; ``POST /stop`` (the ledger is frozen).
+3. Wait for the contestant to drain (its commit counter unchanged for a second, at most
+   ``DRAIN_LIMIT_S``), sample CPU again and the contestant's ``VmHWM``, read its numbers (the
+   engine: its status file; a peer: its stats file), stop it with SIGTERM.
+4. ``ticks_offered`` = the feed's ledger (sum of last seqs of held contracts); ``ticks_committed``
+   = distinct (contract, seq) rows in the contestant's table; ``lost`` = the difference.
+
+Latency is the contestant's own histogram of commit-returned minus send time (the feed stamps
+every event with its send time in ms, truncated: latencies are over-stated by up to 1 ms). For the
+engine that is ``writer.event_latency_ms`` of its status file when present; older engines only
+publish ``writer.latency_ms`` (receive time -> commit) and the result says so
+(``latency_source``), with the wire part (receive minus event time, from the rows) beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench.peers import PEERS, peer
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+DRAIN_LIMIT_S = 20.0
+READY_LIMIT_S = 120.0
+ENGINE = "engine"
+CONTESTANTS = (ENGINE, *PEERS)
+RESULT_KEYS = (
+    "ticks_offered",
+    "ticks_committed",
+    "lost",
+    "ticks_per_s",
+    "latency_ms",
+    "cpu_s",
+    "cpu_us_per_tick",
+    "peak_rss_mb",
+    "conflated",
+)
+
+
+@dataclass
+class Run:
+    """One contestant at one rate: the keys issue 12 names, plus how they were obtained."""
+
+    name: str
+    rate: float
+    seconds: float
+    ticks_offered: int = 0
+    ticks_committed: int = 0
+    lost: int = 0
+    ticks_per_s: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    cpu_s: float = 0.0
+    cpu_us_per_tick: float = 0.0
+    peak_rss_mb: float = 0.0
+    conflated: int = 0
+    # how it was measured
+    feed_cpu_s: float = 0.0
+    db_cpu_s: float = 0.0
+    offered_per_s: float = 0.0
+    behind: int = 0
+    drain_s: float = 0.0
+    drained: bool = True
+    latency_source: str = ""
+    wire_ms: dict[str, float] | None = None
+    error: str | None = None
+
+    def keys(self) -> dict[str, Any]:
+        """Exactly the keys of ``engine`` / ``peers.<name>`` in the JSON (issue 12)."""
+        return {k: getattr(self, k) for k in RESULT_KEYS}
+
+    def detail(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in RESULT_KEYS}
+
+    def sustained(self, target: float) -> bool:
+        """Kept up: offered what was asked (the feed was not held back), lost nothing, drained
+        within the limit and no growing backlog (p99 under a second)."""
+        return (
+            self.error is None
+            and self.lost == 0
+            and self.drained
+            and self.offered_per_s >= 0.97 * target
+            and self.latency_ms.get("p99", float("inf")) < 1000.0
+        )
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """utime+stime of ``pid`` (plus its reaped children's with ``children``), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+def server_cpu_seconds(postmaster: int | None) -> float:
+    """CPU of a PostgreSQL server: the postmaster (with the backends it reaped) and its live children."""
+    if postmaster is None:
+        return 0.0
+    total = cpu_seconds(postmaster, children=True)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _http(url: str, method: str = "GET") -> Any:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _wait(
+    check: Callable[[], bool], within_s: float, what: str, proc: subprocess.Popen[bytes] | None
+) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {within_s:g} s")
+        time.sleep(0.1)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+class Bench:
+    """Owns the PostgreSQL server and a scratch directory for a series of runs."""
+
+    def __init__(self, dsn: str | None = None, positions: int = 500, keep: bool = False) -> None:
+        self.admin_dsn = dsn
+        self.positions = positions
+        self.keep = keep
+        self.scratch = Path(tempfile.mkdtemp(prefix="greeks-bench-e2e-"))
+        self.scratch.chmod(0o755)
+        self.server: Any = None
+        self.runs = 0
+
+    def __enter__(self) -> Bench:
+        if self.admin_dsn is None:
+            from db.embedded import EmbeddedServer  # the harness may use the engine's tooling
+
+            self.server = EmbeddedServer(self.scratch / "pg")  # fsync on: the engine's configuration
+            self.server.start()
+            self.admin_dsn = self.server.dsn()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if not self.keep:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    @property
+    def postmaster(self) -> int | None:
+        if self.server is None:
+            return None
+        try:
+            return int((self.server.pgdata / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _fresh_db(self, name: str) -> str:
+        assert self.admin_dsn is not None
+        admin = self.admin_dsn
+
+        async def create() -> None:
+            conn = await asyncpg.connect(admin)
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+        return admin.rsplit("/", 1)[0] + f"/{name}"
+
+    def _drop_db(self, name: str) -> None:
+        assert self.admin_dsn is not None
+        admin = self.admin_dsn
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(admin)
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await conn.close()
+
+        with contextlib.suppress(Exception):
+            asyncio.run(drop())
+
+    @contextlib.contextmanager
+    def feed(
+        self, rate: float, mix: str, workdir: Path, **options: Any
+    ) -> Iterator[tuple[dict[str, Any], int]]:
+        ready_file = workdir / "feed-ready.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.feed",
+            "--rate",
+            str(rate),
+            "--mix",
+            mix,
+            "--positions",
+            str(self.positions),
+            "--ready-file",
+            str(ready_file),
+        ]
+        for key, value in options.items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        with (workdir / "feed.log").open("wb") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait(ready_file.exists, 60.0, "feed start", proc)
+            ready = json.loads(ready_file.read_text())
+            yield ready, proc.pid
+        finally:
+            _stop(proc)
+
+    def run(self, name: str, rate: float, seconds: float, **feed_options: Any) -> Run:
+        """One contestant at ``rate`` for ``seconds`` (see the module docstring)."""
+        if name not in CONTESTANTS:
+            raise ValueError(f"unknown contestant {name!r}; one of {', '.join(CONTESTANTS)}")
+        self.runs += 1
+        db_name = f"bench_{self.runs}"
+        workdir = self.scratch / f"run-{self.runs}-{name}"
+        workdir.mkdir()
+        dsn = self._fresh_db(db_name)
+        result = Run(name, rate, seconds)
+        mix, brokers = ("both", ("ibkr", "tastytrade")) if name == ENGINE else _peer_mix(name)
+        try:
+            with self.feed(rate, mix, workdir, **feed_options) as (ready, feed_pid):
+                self._run(result, ready, feed_pid, brokers, dsn, workdir)
+        except Exception as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if not self.keep:
+                self._drop_db(db_name)
+        return result
+
+    def _run(
+        self,
+        result: Run,
+        ready: dict[str, Any],
+        feed_pid: int,
+        brokers: tuple[str, ...],
+        dsn: str,
+        workdir: Path,
+    ) -> None:
+        control = ready["control"]
+        engine = result.name == ENGINE
+        stats_file = workdir / ("status.json" if engine else "stats.json")
+        if engine:
+            cmd = [sys.executable, "run.py"]
+            env = _engine_env(ready, dsn, workdir)
+        else:
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.peers",
+                result.name,
+                "--ready-file",
+                str(workdir / "feed-ready.json"),
+            ]
+            cmd += ["--dsn", dsn, "--stats-file", str(stats_file)]
+            env = dict(os.environ)
+        with (workdir / "contestant.log").open("wb") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+
+            def subscribed() -> bool:
+                if not engine and (_read_json(stats_file) or {}).get("state") != "streaming":
+                    return False
+                held = _http(f"{control}/feed")["subscribed_held"]
+                return all(held[b] >= _expected(result.name, ready, b) for b in brokers)
+
+            _wait(subscribed, READY_LIMIT_S, f"{result.name} subscribing", proc)
+            time.sleep(1.0)  # the last-value frames of the subscriptions are committed
+            c0, f0, d0 = cpu_seconds(proc.pid), cpu_seconds(feed_pid), server_cpu_seconds(self.postmaster)
+            t0 = time.time()
+            at_start = _http(f"{control}/start", "POST")["offered"]  # the last-value ticks so far
+            pre = sum(at_start[b] for b in brokers)
+            time.sleep(result.seconds)
+            described = _http(f"{control}/stop", "POST")
+            t_stop = time.time()
+            progress = _engine_progress if engine else _peer_progress
+            last, stable_since = progress(stats_file), time.monotonic()
+            while time.monotonic() - stable_since < 1.0:
+                if time.time() - t_stop > DRAIN_LIMIT_S:
+                    result.drained = False
+                    break
+                time.sleep(0.1)
+                now = progress(stats_file)
+                if now != last:
+                    last, stable_since = now, time.monotonic()
+            t_drained = time.time() - (0.0 if not result.drained else 1.0)
+            c1, f1, d1 = cpu_seconds(proc.pid), cpu_seconds(feed_pid), server_cpu_seconds(self.postmaster)
+            result.peak_rss_mb = peak_rss_mb(proc.pid)
+            result.cpu_s = round(c1 - c0, 2)
+            result.feed_cpu_s = round(f1 - f0, 2)
+            result.db_cpu_s = round(d1 - d0, 2)
+            result.drain_s = round(t_drained - t_stop, 2)
+            offered = described["offered"]
+            result.ticks_offered = sum(offered[b] for b in brokers)
+            result.behind = sum(described["behind"][b] for b in brokers)
+            streamed = described["stopped_at"] - described["started_at"]
+            result.offered_per_s = round((result.ticks_offered - pre) / max(streamed, 1e-9), 1)
+            _stop(proc)
+            doc = _read_json(stats_file) or {}
+            if engine:
+                _engine_numbers(result, doc)
+            else:
+                latency = doc.get("latency_ms", {})
+                result.latency_ms = {k: latency.get(k, 0.0) for k in ("p50", "p95", "p99", "max")}
+                result.latency_source = "peer: commit returned - feed send time (ms)"
+                if doc.get("error"):
+                    result.error = doc["error"]
+            result.ticks_committed = _count(dsn, result.name)
+            if engine and result.latency_source.startswith("writer.latency_ms"):
+                result.wire_ms = _wire_ms(dsn)
+            result.lost = result.ticks_offered - result.ticks_committed
+            result.ticks_per_s = round((result.ticks_committed - pre) / max(t_drained - t0, 1e-9), 1)
+            result.cpu_us_per_tick = round(1e6 * result.cpu_s / max(result.ticks_committed, 1), 2)
+        finally:
+            _stop(proc)
+
+
+def _peer_mix(name: str) -> tuple[str, tuple[str, ...]]:
+    _main, _sql, brokers = peer(name)
+    if name == "poll":
+        return "poll", brokers
+    return ("dxlink" if brokers == ("tastytrade",) else "ibkr"), brokers
+
+
+def _expected(name: str, ready: dict[str, Any], broker: str) -> int:
+    """Held contracts the contestant subscribes: the engine all, the streaming peers the options."""
+    if name == "poll":
+        return 0  # polling subscribes nothing
+    return int(ready["positions"][broker] if name == ENGINE else ready["options"][broker])
+
+
+def _engine_env(ready: dict[str, Any], dsn: str, workdir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IBKR_", "TT_", "SIM"))}
+    env.update(
+        {
+            "VAR_DIR": str(workdir / "var"),
+            "STATUS_FILE": str(workdir / "status.json"),
+            "STATUS_INTERVAL_S": "0.5",
+            "DATABASE_URL": dsn,
+            "LOG_LEVEL": "WARNING",
+            "BROKERS": "ibkr,tastytrade",
+            "IBKR_GATEWAY_URL": ready["ibkr_base"],
+            "IBKR_MAX_SUBSCRIPTIONS": "1000",
+            "TT_API_URL": ready["tastytrade_api"],
+            "TT_CLIENT_SECRET": ready["tt_client_secret"],
+            "TT_REFRESH_TOKEN": ready["tt_refresh_token"],
+        }
+    )
+    return env
+
+
+def _engine_progress(path: Path) -> Any:
+    doc = _read_json(path) or {}
+    return doc.get("writer", {}).get("rows_total")
+
+
+def _peer_progress(path: Path) -> Any:
+    return (_read_json(path) or {}).get("committed")
+
+
+def _engine_numbers(result: Run, doc: dict[str, Any]) -> None:
+    writer = doc.get("writer", {})
+    latency = writer.get("event_latency_ms")
+    if latency:
+        result.latency_source = "writer.event_latency_ms: commit - broker event time (the feed's send time)"
+    else:
+        latency = writer.get("latency_ms", {})
+        result.latency_source = "writer.latency_ms: commit - receive time (wire and decoding excluded)"
+    result.latency_ms = {k: latency.get(k, 0.0) for k in ("p50", "p95", "p99", "max")}
+    normalizer = doc.get("actors", {}).get("normalizer", {})
+    result.conflated = int(normalizer.get("conflated_total", 0) or 0)
+    errors = [f"{n}: {a.get('last_error')}" for n, a in doc.get("actors", {}).items() if a.get("restarts")]
+    if errors:
+        result.error = "; ".join(errors)
+
+
+async def _history_table(conn: Any) -> str:
+    wide = await conn.fetchval("SELECT to_regclass('greeks_history_wide')")
+    return "greeks_history_wide" if wide else "greeks_history"
+
+
+def _count(dsn: str, name: str) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            if name == ENGINE:
+                table = await _history_table(conn)
+                distinct = f"SELECT DISTINCT broker, instrument, seq FROM {table} WHERE seq >= 1"
+                sql = f"SELECT count(*) FROM ({distinct}) t"
+            else:
+                sql = peer(name)[1]
+            return int(await conn.fetchval(sql))
+        except asyncpg.UndefinedTableError:
+            return 0
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def _wire_ms(dsn: str) -> dict[str, float]:
+    """Receive minus event time of the engine's rows (the part ``writer.latency_ms`` leaves out)."""
+
+    async def wire() -> dict[str, float]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            table = await _history_table(conn)
+            row = await conn.fetchrow(
+                "SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY d), max(d) FROM"
+                " (SELECT extract(epoch FROM received_ts - event_ts) * 1000 AS d"
+                f" FROM {table} WHERE seq >= 1) t"
+            )
+        finally:
+            await conn.close()
+        if row is None or row[0] is None:
+            return {}
+        p = row[0]
+        return {
+            "p50": round(p[0], 3),
+            "p95": round(p[1], 3),
+            "p99": round(p[2], 3),
+            "max": round(float(row[1]), 3),
+        }
+
+    return asyncio.run(wire())
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers come from: CPU model, cores, load when the command started."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": sys.version.split()[0],
+        "note": "feed, contestant and PostgreSQL are separate processes sharing these cores (no pinning)",
+    }
+
+
+def median_run(runs: list[Run]) -> Run:
+    """Field-wise medians of repeated runs of one contestant at one rate (errors kept)."""
+    import statistics
+
+    if len(runs) == 1:
+        return runs[0]
+    ok = [r for r in runs if r.error is None] or runs
+    first = ok[0]
+    merged = Run(first.name, first.rate, first.seconds)
+    for key, value in asdict(first).items():
+        if isinstance(value, bool) or key in ("name", "rate", "seconds"):
+            setattr(merged, key, all(getattr(r, key) for r in ok) if isinstance(value, bool) else value)
+        elif isinstance(value, int | float):
+            med = statistics.median(getattr(r, key) for r in ok)
+            setattr(merged, key, round(med) if isinstance(value, int) else round(med, 3))
+        elif isinstance(value, dict) and all(isinstance(getattr(r, key), dict) for r in ok):
+            keys = set.intersection(*(set(getattr(r, key)) for r in ok))
+            setattr(
+                merged, key, {k: round(statistics.median(getattr(r, key)[k] for r in ok), 3) for k in keys}
+            )
+        else:
+            setattr(merged, key, value)
+    errors = [r.error for r in runs if r.error]
+    merged.error = "; ".join(errors) if errors else None
+    return merged
