@@ -354,16 +354,17 @@ class Bench:
             described = _http(f"{control}/stop", "POST")
             t_stop = time.time()
             progress = _engine_progress if engine else _peer_progress
-            last, stable_since = progress(stats_file), time.monotonic()
-            while time.monotonic() - stable_since < 1.0:
+            quiet_s = 2.5 if engine else 1.0  # the engine's status file is rewritten every second
+            last, changed_at = progress(stats_file), time.time()
+            while time.time() - changed_at < quiet_s:
                 if time.time() - t_stop > DRAIN_LIMIT_S:
                     result.drained = False
                     break
                 time.sleep(0.1)
                 now = progress(stats_file)
                 if now != last:
-                    last, stable_since = now, time.monotonic()
-            t_drained = time.time() - (0.0 if not result.drained else 1.0)
+                    last, changed_at = now, time.time()
+            t_drained = max(changed_at, t_stop) if result.drained else time.time()
             c1, f1, d1 = cpu_seconds(proc.pid), cpu_seconds(feed_pid), server_cpu_seconds(self.postmaster)
             result.peak_rss_mb = peak_rss_mb(proc.pid)
             result.cpu_s = round(c1 - c0, 2)
@@ -415,7 +416,6 @@ def _engine_env(ready: dict[str, Any], dsn: str, workdir: Path) -> dict[str, str
         {
             "VAR_DIR": str(workdir / "var"),
             "STATUS_FILE": str(workdir / "status.json"),
-            "STATUS_INTERVAL_S": "0.5",
             "DATABASE_URL": dsn,
             "LOG_LEVEL": "WARNING",
             "BROKERS": "ibkr,tastytrade",
