@@ -53,7 +53,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 DRAIN_LIMIT_S = 20.0
 READY_LIMIT_S = 120.0
 ENGINE = "engine"
-CONTESTANTS = (ENGINE, *PEERS)
+#: the engine on one protocol only (BROKERS=tastytrade / ibkr), at the mix its single-broker peers get
+ENGINE_ONE = {"engine_dxlink": ("dxlink", ("tastytrade",)), "engine_ibkr": ("ibkr", ("ibkr",))}
+CONTESTANTS = (ENGINE, *ENGINE_ONE, *PEERS)
 RESULT_KEYS = (
     "ticks_offered",
     "ticks_committed",
@@ -297,7 +299,7 @@ class Bench:
         workdir.mkdir()
         dsn = self._fresh_db(db_name)
         result = Run(name, rate, seconds)
-        mix, brokers = ("both", ("ibkr", "tastytrade")) if name == ENGINE else _peer_mix(name)
+        mix, brokers = _mix(name)
         try:
             with self.feed(rate, mix, workdir, **feed_options) as (ready, feed_pid):
                 self._run(result, ready, feed_pid, brokers, dsn, workdir)
@@ -318,11 +320,11 @@ class Bench:
         workdir: Path,
     ) -> None:
         control = ready["control"]
-        engine = result.name == ENGINE
+        engine = is_engine(result.name)
         stats_file = workdir / ("status.json" if engine else "stats.json")
         if engine:
             cmd = [sys.executable, "run.py"]
-            env = _engine_env(ready, dsn, workdir)
+            env = _engine_env(ready, dsn, workdir, brokers)
         else:
             cmd = [
                 sys.executable,
@@ -396,7 +398,16 @@ class Bench:
             _stop(proc)
 
 
-def _peer_mix(name: str) -> tuple[str, tuple[str, ...]]:
+def is_engine(name: str) -> bool:
+    return name == ENGINE or name in ENGINE_ONE
+
+
+def _mix(name: str) -> tuple[str, tuple[str, ...]]:
+    """The feed's mix for ``name`` and the brokers it consumes."""
+    if name == ENGINE:
+        return "both", ("ibkr", "tastytrade")
+    if name in ENGINE_ONE:
+        return ENGINE_ONE[name]
     _main, _sql, brokers = peer(name)
     if name == "poll":
         return "poll", brokers
@@ -407,10 +418,10 @@ def _expected(name: str, ready: dict[str, Any], broker: str) -> int:
     """Held contracts the contestant subscribes: the engine all, the streaming peers the options."""
     if name == "poll":
         return 0  # polling subscribes nothing
-    return int(ready["positions"][broker] if name == ENGINE else ready["options"][broker])
+    return int(ready["positions"][broker] if is_engine(name) else ready["options"][broker])
 
 
-def _engine_env(ready: dict[str, Any], dsn: str, workdir: Path) -> dict[str, str]:
+def _engine_env(ready: dict[str, Any], dsn: str, workdir: Path, brokers: tuple[str, ...]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IBKR_", "TT_", "SIM"))}
     env.update(
         {
@@ -418,7 +429,7 @@ def _engine_env(ready: dict[str, Any], dsn: str, workdir: Path) -> dict[str, str
             "STATUS_FILE": str(workdir / "status.json"),
             "DATABASE_URL": dsn,
             "LOG_LEVEL": "WARNING",
-            "BROKERS": "ibkr,tastytrade",
+            "BROKERS": ",".join(brokers),
             "IBKR_GATEWAY_URL": ready["ibkr_base"],
             "IBKR_MAX_SUBSCRIPTIONS": "1000",
             "TT_API_URL": ready["tastytrade_api"],
@@ -463,7 +474,7 @@ def _count(dsn: str, name: str) -> int:
     async def count() -> int:
         conn = await asyncpg.connect(dsn)
         try:
-            if name == ENGINE:
+            if is_engine(name):
                 table = await _history_table(conn)
                 distinct = f"SELECT DISTINCT broker, instrument, seq FROM {table} WHERE seq >= 1"
                 sql = f"SELECT count(*) FROM ({distinct}) t"

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from bench._harness import ENGINE, Run
+from bench._harness import Run, is_engine
 
 STREAMING_PEERS = ("sdk_execute", "sdk_executemany", "ibind_ws")  # poll samples, it does not stream
 
@@ -108,7 +108,7 @@ def plot_pipeline(runs: list[Run], path: Path, title: str) -> None:
     """Latency percentiles, throughput and CPU per tick, engine beside the peers."""
     plt = _plt()
     names = [r.name for r in runs]
-    colors = ["tab:red" if n == ENGINE else "tab:blue" for n in names]
+    colors = ["tab:red" if is_engine(n) else "tab:blue" for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     ax = axes[0]
     width = 0.25
@@ -146,7 +146,7 @@ def plot_capacity(capacity: dict[str, float], feed_ceiling: float | None, path: 
     ax.bar(
         names,
         [max(capacity[n], 1.0) for n in names],
-        color=["tab:red" if n == ENGINE else "tab:blue" for n in names],
+        color=["tab:red" if is_engine(n) else "tab:blue" for n in names],
     )
     if feed_ceiling:
         ax.axhline(feed_ceiling, color="grey", linestyle=":", label=f"feed ceiling {feed_ceiling:,.0f}/s")
@@ -166,7 +166,7 @@ def plot_sweep(series: dict[str, list[Run]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for name, runs in series.items():
         xs = [r.rate for r in runs]
-        color = "tab:red" if name == ENGINE else None
+        color = "tab:red" if name == "engine" else None
         axes[0].plot(
             xs,
             [max(r.latency_ms.get("p99", 0), 1e-3) for r in runs],

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from bench import _report
-from bench._harness import ENGINE, Bench, Run, machine, median_run
+from bench._harness import ENGINE, ENGINE_ONE, Bench, Run, machine, median_run
 from bench.peers import PEERS
 
 OUT = Path(__file__).parent / "out"
@@ -43,7 +43,11 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=2000.0, help="ticks/s offered")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=OUT / "pipeline.json")
-    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers ('' for none)")
+    parser.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="comma-separated peers ('' for none); engine_dxlink / engine_ibkr add the engine on one broker",
+    )
     parser.add_argument("--no-engine", action="store_true", help="peers only")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds; medians reported")
     parser.add_argument("--positions", type=int, default=500, help="contracts per broker")
@@ -67,10 +71,15 @@ def cli(argv: list[str] | None = None) -> int:
     }
     if ENGINE in results:
         doc["engine"] = results[ENGINE].keys()
-    doc["peers"] = {n: results[n].keys() for n in peers}
+    doc["peers"] = {n: results[n].keys() for n in peers if n in PEERS}
+    single = {n: results[n].keys() for n in peers if n in ENGINE_ONE}
+    if single:
+        doc["engine_single_broker"] = single
     doc["detail"] = {n: r.detail() for n, r in results.items()}
     if ENGINE in results:
-        targets = _report.pipeline_targets(results[ENGINE], {n: results[n] for n in peers}, command)
+        targets = _report.pipeline_targets(
+            results[ENGINE], {n: results[n] for n in peers if n in PEERS}, command
+        )
         doc["targets"] = targets
         _report.print_targets(targets)
     _report.write_json(args.out, doc)
