@@ -122,8 +122,14 @@ def run(
     ready = json.loads(args.ready_file.read_text())
     stats = Stats(args.stats_file)
 
+    async def flush() -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            stats.maybe_write(force=True)
+
     async def runner() -> None:
         task = asyncio.create_task(main(ready, args.dsn, stats))
+        ticker = asyncio.create_task(flush())
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, task.cancel)
@@ -136,6 +142,7 @@ def run(
             stats.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            ticker.cancel()
             stats.maybe_write(force=True)
 
     asyncio.run(runner())
