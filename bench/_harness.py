@@ -46,6 +46,7 @@ from typing import Any
 
 import asyncpg
 
+from bench import _profile
 from bench.peers import PEERS, peer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +95,7 @@ class Run:
     drained: bool = True
     latency_source: str = ""
     wire_ms: dict[str, float] | None = None
+    profile: dict[str, object] | None = None
     error: str | None = None
 
     def keys(self) -> dict[str, Any]:
@@ -289,7 +291,9 @@ class Bench:
         finally:
             _stop(proc)
 
-    def run(self, name: str, rate: float, seconds: float, **feed_options: Any) -> Run:
+    def run(
+        self, name: str, rate: float, seconds: float, *, profile: bool = False, **feed_options: Any
+    ) -> Run:
         """One contestant at ``rate`` for ``seconds`` (see the module docstring)."""
         if name not in CONTESTANTS:
             raise ValueError(f"unknown contestant {name!r}; one of {', '.join(CONTESTANTS)}")
@@ -302,7 +306,7 @@ class Bench:
         mix, brokers = _mix(name)
         try:
             with self.feed(rate, mix, workdir, **feed_options) as (ready, feed_pid):
-                self._run(result, ready, feed_pid, brokers, dsn, workdir)
+                self._run(result, ready, feed_pid, brokers, dsn, workdir, profile)
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -318,6 +322,7 @@ class Bench:
         brokers: tuple[str, ...],
         dsn: str,
         workdir: Path,
+        profile: bool = False,
     ) -> None:
         control = ready["control"]
         engine = is_engine(result.name)
@@ -353,6 +358,7 @@ class Bench:
             p_start = progress(stats_file) or 0
             at_start = _http(f"{control}/start", "POST")["offered"]  # the last-value ticks so far
             pre = sum(at_start[b] for b in brokers)
+            spy = _profile.record(proc.pid, result.seconds, workdir / "profile.txt") if profile else None
             time.sleep(result.seconds)
             described = _http(f"{control}/stop", "POST")
             p_stop = progress(stats_file) or 0
@@ -379,6 +385,13 @@ class Bench:
             result.behind = sum(described["behind"][b] for b in brokers)
             streamed = described["stopped_at"] - described["started_at"]
             result.offered_per_s = round((result.ticks_offered - pre) / max(streamed, 1e-9), 1)
+            if spy is not None:
+                spy.wait(30)
+                result.profile = {
+                    "components_pct": _profile.components(workdir / "profile.txt"),
+                    "top_functions_pct": _profile.top_functions(workdir / "profile.txt"),
+                    "raw": str(workdir / "profile.txt"),
+                }
             _stop(proc)
             doc = _read_json(stats_file) or {}
             if engine:

@@ -90,6 +90,22 @@ def print_targets(targets: list[dict[str, Any]]) -> None:
         print(f"{'MET    ' if t['met'] else 'NOT MET'}  {t['target']}: {t['measured']}")
 
 
+def print_profile(run: Run) -> None:
+    if not run.profile:
+        return
+    print(f"profile of {run.name} (py-spy, GIL-holding samples; a separate run at the same rate):")
+    comps = run.profile.get("components_pct", {})
+    assert isinstance(comps, dict)
+    for name, pct in comps.items():
+        if name != "samples":
+            print(f"  {pct:>6.1f} %  {name}")
+    print("  top functions (self time):")
+    tops = run.profile.get("top_functions_pct", [])
+    assert isinstance(tops, list)
+    for frame, pct in tops[:12]:
+        print(f"  {pct:>6.1f} %  {frame[:120]}")
+
+
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))

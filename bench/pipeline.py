@@ -52,6 +52,9 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds; medians reported")
     parser.add_argument("--positions", type=int, default=500, help="contracts per broker")
     parser.add_argument("--dsn", default=None, help="admin DSN of an existing server (default: embedded)")
+    parser.add_argument(
+        "--profile", action="store_true", help="one more engine run under py-spy: time per component"
+    )
     args = parser.parse_args(argv)
     peers = [p for p in args.peers.split(",") if p]
     names = ([] if args.no_engine else [ENGINE]) + peers
@@ -59,6 +62,10 @@ def cli(argv: list[str] | None = None) -> int:
     print(f"pipeline: {', '.join(names)} at {args.rate:,.0f} ticks/s for {args.seconds:g} s x {args.repeat}")
     with Bench(args.dsn, positions=args.positions) as bench:
         results = run_rounds(bench, names, args.rate, args.seconds, args.repeat)
+        profiled = None
+        if args.profile:
+            target = ENGINE if ENGINE in names else names[0]
+            profiled = bench.run(target, args.rate, args.seconds, profile=True)
     runs = list(results.values())
     print(_report.table(runs))
     doc: dict[str, object] = {
@@ -82,6 +89,9 @@ def cli(argv: list[str] | None = None) -> int:
         )
         doc["targets"] = targets
         _report.print_targets(targets)
+    if profiled is not None and profiled.profile:
+        doc["profile"] = {"contestant": profiled.name, **profiled.profile, "run": profiled.keys()}
+        _report.print_profile(profiled)
     _report.write_json(args.out, doc)
     png = args.out.with_suffix(".png")
     _report.plot_pipeline(
