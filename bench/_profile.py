@@ -5,7 +5,8 @@ stack with its sample count) on a running process; :func:`components` attributes
 to the innermost frame that belongs to a known component (decode, map, book, channel, writer
 encode, database, wire, status, ...), walking from the leaf outwards, so that e.g. time in
 ``orjson`` called from the IBKR codec counts as decode; a stack with no component is the event
-loop's when its leaf is in asyncio/anyio, else ``other (<package>)``. Samples are of the GIL-holding thread only (``--gil``), idle excluded.
+loop's when its leaf is in asyncio/anyio, else ``other (<package>)``. Samples are of the
+GIL-holding thread only (``--gil``), idle excluded.
 """
 
 from __future__ import annotations
