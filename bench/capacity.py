@@ -6,7 +6,8 @@ For each contestant, trials of ``--seconds`` at rising rates (doubling from a st
 halving when the start already fails), then ``--refine`` bisection steps between the last rate
 sustained and the first one not. A trial is sustained when the feed offered at least 97 % of the
 rate (the contestant held nothing back through TCP backpressure), nothing was lost, everything
-was committed within the drain limit and p99 stayed under a second
+was committed within the drain limit, commits kept pace with the feed while it streamed and
+p99 stayed under 500 ms
 (:meth:`bench._harness.Run.sustained`). The feed's own ceiling (a bare consumer,
 :mod:`bench.feed.probe`) is measured first and bounds the search. ``poll`` has no capacity in
 this sense (it loses every tick between two polls at any rate above one per contract per second)

@@ -376,6 +376,8 @@ class FastIbkrGateway(IbkrGateway):
                     held = state.held
                     if held:
                         for _ in range(n):
+                            if not feed.running:
+                                break  # stopped while this cycle was sending
                             item = held[state.cursor]
                             state.cursor = (state.cursor + 1) % len(held)
                             slot["s"] = feed.next_seq("ibkr", item.key)
