@@ -96,6 +96,7 @@ BAD_VALUES = [
     ("TT_ACCOUNTS", ",", "TT_ACCOUNTS (got ','): expected comma-separated names"),
     ("TT_CLIENT_SECRET", "s3cret", "TT_REFRESH_TOKEN: expected to be set together with TT_CLIENT_SECRET"),
     ("TT_REFRESH_TOKEN", "r3fresh", "TT_CLIENT_SECRET: expected to be set together with TT_REFRESH_TOKEN"),
+    ("RISK_FREE_RATE", "4%", "RISK_FREE_RATE (got '4%'): expected a number >= -0.2 and <= 1"),
     ("SIM_SEED", "abc", "SIM_SEED (got 'abc'): expected an integer >= 0"),
     ("SIM_RATE_HZ", "5000", "SIM_RATE_HZ (got '5000'): expected a number > 0 and <= 1000"),
     ("SIM_POSITIONS", "-3", "SIM_POSITIONS (got '-3'): expected an integer >= 0"),
