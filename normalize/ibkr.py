@@ -153,16 +153,29 @@ MAPPED_FIELDS: tuple[str, ...] = (LAST_FIELD, *(code for code, _ in NUMBER_FIELD
 
 
 def update_values(fields: Mapping[str, Any], iv_scale: IvScale = IvScale.AUTO) -> dict[str, float | None]:
-    """The canonical values one frame carries: only the mapped fields present in ``fields``."""
+    """The canonical values one frame carries: only the mapped fields present in ``fields``.
+
+    Per tick: the plain numeric string, by far the most common value, is parsed inline (the same
+    result as :func:`parse_number`; ``v - v == 0.0`` is false exactly for NaN and infinities)."""
     values: dict[str, float | None] = {}
-    raw = fields.get(LAST_FIELD, _MISSING)
+    get = fields.get
+    raw = get(LAST_FIELD, _MISSING)
     if raw is not _MISSING:
         values["last"] = parse_last(raw)
     for code, name in NUMBER_FIELDS:
-        raw = fields.get(code, _MISSING)
-        if raw is not _MISSING:
+        raw = get(code, _MISSING)
+        if raw is _MISSING:
+            continue
+        if type(raw) is str:
+            try:
+                number = float(raw)
+            except ValueError:
+                values[name] = _parse_formatted(raw)
+                continue
+            values[name] = number if number - number == 0.0 else None
+        else:
             values[name] = parse_number(raw)
-    raw = fields.get(IV_FIELD, _MISSING)
+    raw = get(IV_FIELD, _MISSING)
     if raw is not _MISSING:
         values["iv"] = parse_iv(raw, iv_scale)
     return values
