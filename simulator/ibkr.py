@@ -296,7 +296,7 @@ class IbkrGateway:
             seed=market.config.seed,
             rates=dict(market.config.rate_overrides),
         )
-        self.stats: dict[str, int] = {"frames": 0, "connections": 0, "rest_requests": 0}
+        self.stats: dict[str, int] = {"frames": 0, "connections": 0, "rest_requests": 0, "tics": 0}
         self.smd_requests: dict[int, int] = {}  # conid -> smd received (all connections)
         self.umd_requests: dict[int, int] = {}
         self.request_log: list[tuple[float, str, str, int]] = []  # (time, method, path, status)
@@ -932,6 +932,7 @@ class IbkrGateway:
             return
         topic, _, rest = text.partition("+")
         if topic == "tic":
+            self.stats["tics"] += 1
             for _ in range(max(self.options.tic_replies, 1)):
                 conn.push(
                     {

@@ -6,8 +6,11 @@ is on an event (a batch on ``raw``, a status change, a simulator state change), 
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +38,10 @@ async def streaming(h: Harness, after: float = 0.0, sessions: int = 1) -> None:
 
 async def test_start_positions_subscriptions_updates(logs: Logs) -> None:
     m = market()
-    async with gateway(m, tic_replies=4) as gw, running(gw) as h:
+    async with gateway(m, tic_replies=4) as gw, running(gw, tic_interval_s=0.1) as h:
         await streaming(h)
         await h.wait_for(lambda: h.info().get("last_hb_age_s") is not None)
+        await h.wait_for(lambda: gw.stats["tics"] >= 3)  # tic on the socket, answered 4 times each
         events = h.collector.events
         # positions snapshot first, then the stream session, then updates
         assert first_index(events, PositionsSnapshot) < first_index(events, SessionStarted)
@@ -82,6 +86,22 @@ async def test_start_positions_subscriptions_updates(logs: Logs) -> None:
     assert ended.reason == "stopped"
     assert ended.events == len(h.collector.updates())
     assert named(logs, "subscriptions_sent")[0]["subscriptions"] == len(h.expected_conids())
+
+
+@pytest.mark.parametrize("tickle", [True, False])
+async def test_tickle_keeps_the_gateway_session_alive(tickle: bool) -> None:
+    m = market()
+    interval = 0.1 if tickle else 3600.0
+    async with gateway(m, session_timeout_s=0.6) as gw, running(gw, tickle_interval_s=interval) as h:
+        await streaming(h)
+        if tickle:
+            await h.wait_for(lambda: sum(1 for r in gw.request_log if r[2] == "/v1/api/tickle") >= 12)
+            assert h.collector.ended() == []  # 1.2 s of streaming, twice the session timeout
+            assert gw.authenticated
+        else:  # without it the session times out: reauthenticated and reconnected
+            await h.wait_for(lambda: h.collector.ended())
+            assert h.collector.ended()[0].reason.startswith("brokerage session not authenticated")
+            await streaming(h, after=time.time(), sessions=2)
 
 
 async def test_same_conid_in_two_accounts_is_subscribed_once() -> None:
@@ -325,10 +345,38 @@ async def test_tls_verified_with_the_ca_file(tmp_path: Path, logs: Logs) -> None
         assert named(logs, "tls_verification_failed") == []
 
 
+@contextmanager
+def handshakes_refused_by_the_client() -> Iterator[None]:
+    """The simulator's side of a refused TLS handshake: the client hangs up mid-handshake, which
+    asyncio reports to the loop's exception handler in debug mode (PYTHONASYNCIODEBUG=1). That is
+    the expected outcome here, not an error of the test."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), ConnectionResetError | ssl.SSLError):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        yield
+    finally:
+        loop.set_exception_handler(previous)
+
+
 async def test_tls_refused_without_the_ca_file_with_one_line_naming_the_settings(
     tmp_path: Path, logs: Logs
 ) -> None:
     server, _ = tls_gateway_context(tmp_path)
+    with handshakes_refused_by_the_client():
+        await _refused(server, logs)
+
+
+async def _refused(server: ssl.SSLContext, logs: Logs) -> None:
     async with gateway(market(), ssl_context=server) as gw, running(gw) as h:
         await h.wait_for(lambda: h.info()["restarts"] >= 2)
         failures = named(logs, "tls_verification_failed")
