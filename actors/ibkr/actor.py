@@ -205,10 +205,10 @@ class _Attempt:
         s = self.settings
         assert s.rest_url is not None
         self.publish(changed=True)
-        rest_tls = client_ssl_context(
-            s.rest_url, verify=s.verify_tls, ca_file=str(s.ca_file) if s.ca_file else None
-        )
-        if rest_tls is not None and not s.verify_tls:
+        ca_file = str(s.ca_file) if s.ca_file else None
+        rest_tls = client_ssl_context(s.rest_url, verify=s.verify_tls, ca_file=ca_file)
+        ws_tls = client_ssl_context(s.websocket_url or "", verify=s.verify_tls, ca_file=ca_file)
+        if (rest_tls is not None or ws_tls is not None) and not s.verify_tls:
             self.log.warning(
                 "tls_verification_disabled",
                 setting="IBKR_VERIFY_TLS=false",
