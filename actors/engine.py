@@ -38,8 +38,6 @@ def _policy(settings: Settings) -> tuple[Backoff, Intensity]:
 
 def live_unavailable(settings: Settings) -> str | None:
     """The setting that asks for live streaming this version cannot do yet, if any."""
-    if "ibkr" in settings.brokers and settings.broker_mode("ibkr") == "live":
-        return "IBKR_GATEWAY_URL"
     if "tastytrade" in settings.brokers and settings.broker_mode("tastytrade") == "live":
         return "TT_CLIENT_SECRET"
     return None
@@ -57,6 +55,7 @@ def with_simulators(settings: Settings, sims: Any) -> Settings:
             ibkr=replace(
                 settings.ibkr,
                 gateway_url=sims.ibkr.base_url,
+                ws_url=None,
                 ca_file=None,
                 verify_tls=True,
                 session_cookie=None,
@@ -135,12 +134,13 @@ async def run_engine(settings: Settings) -> int:
         log.info(
             "engine_starting", mode=settings.mode, brokers=brokers, status_file=str(settings.status_file)
         )
-        log.warning(
-            "simulated_data",
-            brokers=[b for b, m in brokers.items() if m == "simulated"],
-            detail="rows come from the seeded market simulator, not from a broker",
-            seed=settings.sim.seed,
-        )
+        if simulated := [b for b, m in brokers.items() if m == "simulated"]:
+            log.warning(
+                "simulated_data",
+                brokers=simulated,
+                detail="rows come from the seeded market simulator, not from a broker",
+                seed=settings.sim.seed,
+            )
         async with AsyncExitStack() as stack:
             try:
                 with anyio.CancelScope(shield=True):  # a started server is always stopped again
@@ -191,7 +191,11 @@ async def run_engine(settings: Settings) -> int:
 def _broker_run(broker: str, settings: Settings, mode: str, market: Any) -> RunFn:
     """The actor of one broker. ``settings`` already point a simulated broker at its simulator.
 
-    The demo feeds stand in until each broker's wire-protocol actor lands."""
+    The demo feed stands in for Tastytrade until its wire-protocol actor lands."""
+    if broker == "ibkr":
+        from actors.ibkr.actor import make_ibkr_actor
+
+        return make_ibkr_actor(settings.ibkr, mode=mode)
     from actors.demo import make_demo_feed
 
     return make_demo_feed(broker, market, settings.sim.rate_hz)

@@ -189,11 +189,14 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
     assert all(a["state"] == "stopped" for a in final["actors"].values())
     assert run_status(env=env).returncode == 2  # stopped
 
-    # The drain lost nothing: every row the feeds produced is committed, exactly once.
-    produced = {b: final["actors"][b]["events_total"] for b in ("ibkr", "tastytrade")}
+    # The drain lost nothing: every row the normalizer made is committed, exactly once. (Broker
+    # events are not rows one for one: an underlying that is not held, such as SPX for SPXW
+    # options, updates the book without a row of its own; a contract in two accounts makes two.)
+    produced = final["actors"]["normalizer"]["events_total"]
     total, distinct, per_broker = anyio.run(history_counts, env)
-    assert per_broker == produced
-    assert total == distinct == sum(produced.values()) == final["writer"]["rows_total"]
+    assert set(per_broker) == {"ibkr", "tastytrade"}
+    assert all(final["actors"][b]["events_total"] > 0 for b in ("ibkr", "tastytrade"))
+    assert total == distinct == produced == final["writer"]["rows_total"] == sum(per_broker.values())
     if "DATABASE_URL" in env and (url := os.environ.get("TEST_DATABASE_URL")):
         anyio.run(
             _admin, url, f'DROP DATABASE IF EXISTS "{env["DATABASE_URL"].rsplit("/", 1)[1]}" WITH (FORCE)'
