@@ -359,13 +359,14 @@ class Bench:
             c0, f0, d0 = cpu_seconds(proc.pid), cpu_seconds(feed_pid), server_cpu_seconds(self.postmaster)
             progress = _engine_progress if engine else _peer_progress
             p_start = progress(stats_file) or 0
+            t0 = time.time()
             at_start = _http(f"{control}/start", "POST")["offered"]  # the last-value ticks so far
             pre = sum(at_start[b] for b in brokers)
             spy = _profile.record(proc.pid, result.seconds, workdir / "profile.txt") if profile else None
             time.sleep(result.seconds)
             described = _http(f"{control}/stop", "POST")
-            p_stop = progress(stats_file) or 0
             t_stop = time.time()
+            p_stop, w_stop = _sample(stats_file, engine)  # the counter and when it was written
             quiet_s = 2.5 if engine else 1.0  # the engine's status file is rewritten every second
             last, changed_at = progress(stats_file), time.time()
             while time.time() - changed_at < quiet_s:
@@ -414,7 +415,10 @@ class Bench:
             # (rows for the engine, ticks for a peer), in ticks (distinct over counted rows).
             p_final = progress(stats_file) or 0
             per_row = result.ticks_committed / p_final if p_final else 1.0
-            result.ticks_per_s = round((p_stop - p_start) * per_row / max(streamed, 1e-9), 1)
+            window = min(w_stop or t_stop, t_stop) - t0
+            if window < 0.5 * result.seconds:  # no fresh sample: fall back to the whole stream
+                window = streamed
+            result.ticks_per_s = round((p_stop - p_start) * per_row / max(window, 1e-9), 1)
             result.cpu_us_per_tick = round(1e6 * result.cpu_s / max(result.ticks_committed, 1), 2)
         finally:
             _stop(proc)
@@ -465,6 +469,21 @@ def _engine_env(ready: dict[str, Any], dsn: str, workdir: Path, brokers: tuple[s
 def _engine_progress(path: Path) -> Any:
     doc = _read_json(path) or {}
     return doc.get("writer", {}).get("rows_total")
+
+
+def _sample(path: Path, engine: bool) -> tuple[int, float | None]:
+    """(commit counter, POSIX time it was written) from a status or stats file."""
+    doc = _read_json(path) or {}
+    if engine:
+        from datetime import datetime
+
+        count = doc.get("writer", {}).get("rows_total") or 0
+        try:
+            written = datetime.fromisoformat(str(doc["updated_at"]).replace("Z", "+00:00")).timestamp()
+        except (KeyError, ValueError):
+            written = None
+        return int(count), written
+    return int(doc.get("committed") or 0), doc.get("written_at")
 
 
 def _peer_progress(path: Path) -> Any:
