@@ -357,8 +357,7 @@ class Bench:
             _wait(subscribed, READY_LIMIT_S, f"{result.name} subscribing", proc)
             time.sleep(2.0)  # the last-value frames are committed, and the status file says so
             c0, f0, d0 = cpu_seconds(proc.pid), cpu_seconds(feed_pid), server_cpu_seconds(self.postmaster)
-            progress = _engine_progress if engine else _peer_progress
-            p_start = progress(stats_file) or 0
+            p_start = _sample(stats_file, engine)[0]
             t0 = time.time()
             at_start = _http(f"{control}/start", "POST")["offered"]  # the last-value ticks so far
             pre = sum(at_start[b] for b in brokers)
@@ -368,17 +367,23 @@ class Bench:
             t_stop = time.time()
             p_stop, w_stop = _sample(stats_file, engine)  # the counter and when it was written
             quiet_s = 2.5 if engine else 1.0  # the engine's status file is rewritten every second
-            last, changed_at = progress(stats_file), time.time()
+            pm = self.postmaster
+            samples = [(t_stop, cpu_seconds(proc.pid), cpu_seconds(feed_pid), server_cpu_seconds(pm))]
+            last, changed_at = _sample(stats_file, engine)[0], t_stop
             while time.time() - changed_at < quiet_s:
                 if time.time() - t_stop > DRAIN_LIMIT_S:
                     result.drained = False
                     break
                 time.sleep(0.1)
-                now = progress(stats_file)
-                if now != last:
-                    last, changed_at = now, time.time()
+                samples.append(
+                    (time.time(), cpu_seconds(proc.pid), cpu_seconds(feed_pid), server_cpu_seconds(pm))
+                )
+                count, written = _sample(stats_file, engine)
+                if count != last:
+                    last, changed_at = count, min(written or time.time(), time.time())
             t_drained = max(changed_at, t_stop) if result.drained else time.time()
-            c1, f1, d1 = cpu_seconds(proc.pid), cpu_seconds(feed_pid), server_cpu_seconds(self.postmaster)
+            # CPU up to the last commit (the quiet wait that proves it was the last is idle time)
+            _t, c1, f1, d1 = next((x for x in samples if x[0] >= t_drained), samples[-1])
             result.peak_rss_mb = peak_rss_mb(proc.pid)
             result.cpu_s = round(c1 - c0, 2)
             result.feed_cpu_s = round(f1 - f0, 2)
@@ -413,7 +418,7 @@ class Bench:
             result.lost = result.ticks_offered - result.ticks_committed
             # Throughput while the feed streamed: the contestant's commit counter over the window
             # (rows for the engine, ticks for a peer), in ticks (distinct over counted rows).
-            p_final = progress(stats_file) or 0
+            p_final = _sample(stats_file, engine)[0]
             per_row = result.ticks_committed / p_final if p_final else 1.0
             window = min(w_stop or t_stop, t_stop) - t0
             if window < 0.5 * result.seconds:  # no fresh sample: fall back to the whole stream
@@ -466,11 +471,6 @@ def _engine_env(ready: dict[str, Any], dsn: str, workdir: Path, brokers: tuple[s
     return env
 
 
-def _engine_progress(path: Path) -> Any:
-    doc = _read_json(path) or {}
-    return doc.get("writer", {}).get("rows_total")
-
-
 def _sample(path: Path, engine: bool) -> tuple[int, float | None]:
     """(commit counter, POSIX time it was written) from a status or stats file."""
     doc = _read_json(path) or {}
@@ -484,10 +484,6 @@ def _sample(path: Path, engine: bool) -> tuple[int, float | None]:
             written = None
         return int(count), written
     return int(doc.get("committed") or 0), doc.get("written_at")
-
-
-def _peer_progress(path: Path) -> Any:
-    return (_read_json(path) or {}).get("committed")
 
 
 def _engine_numbers(result: Run, doc: dict[str, Any]) -> None:
