@@ -185,9 +185,10 @@ def _wait(
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

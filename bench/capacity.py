@@ -127,7 +127,8 @@ def cli(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"command": command, "machine": machine(), "seconds_per_trial": args.seconds}
     doc["feed_ceiling"] = ceiling
     if ENGINE in best:
-        doc["engine"] = best[ENGINE].keys() if best[ENGINE] else {"ticks_per_s": 0.0}
+        top = best[ENGINE]
+        doc["engine"] = top.keys() if top is not None else {"ticks_per_s": 0.0}
     doc["peers"] = {n: (r.keys() if r else {"ticks_per_s": 0.0}) for n, r in best.items() if n != ENGINE}
     engine = capacity.get(ENGINE, 0.0)
     ratios = {f"engine_over_{n}": round(engine / v, 2) for n, v in capacity.items() if n != ENGINE and v}

@@ -10,12 +10,12 @@ and the standard library only: never the engine's code.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from bench.peers._common import Stats
 
-Main = Callable[[dict[str, Any], str, Stats], Awaitable[None]]
+Main = Callable[[dict[str, Any], str, Stats], Coroutine[Any, Any, None]]
 
 
 def peer(name: str) -> tuple[Main, str, tuple[str, ...]]:

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,7 @@ def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(
-    main: Callable[[dict[str, Any], str, Stats], Awaitable[None]], name: str, argv: list[str] | None
+    main: Callable[[dict[str, Any], str, Stats], Coroutine[Any, Any, None]], name: str, argv: list[str] | None
 ) -> int:
     """Run ``main(ready, dsn, stats)`` until SIGTERM/SIGINT; write the stats file at the end."""
     args = parse_args(name, argv)

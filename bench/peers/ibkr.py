@@ -50,7 +50,7 @@ INSERT = (
 COUNT_SQL = "SELECT count(*) FROM (SELECT DISTINCT conid, seq FROM ibkr_ticks WHERE seq >= 1) t"
 
 
-class RawRouter(IbkrRouter):
+class RawRouter(IbkrRouter):  # type: ignore[misc]
     """ibind's router keeping raw market data frames (``_updated`` included), conid as ``str``."""
 
     def __init__(self) -> None:

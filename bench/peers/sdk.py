@@ -76,7 +76,7 @@ async def _symbols(session: Session) -> dict[str, str]:
 
 
 async def stream(ready: dict[str, Any], dsn: str, stats: Stats, *, many: bool) -> None:
-    tastytrade.session.API_URL = ready["tastytrade_api"]  # the SDK's documented base-URL constant
+    setattr(tastytrade.session, "API_URL", ready["tastytrade_api"])  # noqa: B010 - the SDK's base URL
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(TABLE)
