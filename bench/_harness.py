@@ -135,14 +135,23 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
     return ticks / CLK_TCK
 
 
-def peak_rss_mb(pid: int) -> float:
+def _status_kb(pid: int, key: str) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024.0, 1)
+            if line.startswith(key):
+                return float(line.split()[1])
     except OSError:
         pass
     return 0.0
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The high-water mark of the resident set (``VmHWM``), MB."""
+    return round(_status_kb(pid, "VmHWM:") / 1024.0, 1)
+
+
+def current_rss_mb(pid: int) -> float:
+    return round(_status_kb(pid, "VmRSS:") / 1024.0, 1)
 
 
 def server_cpu_seconds(postmaster: int | None) -> float:
@@ -204,8 +213,11 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 class Bench:
     """Owns the PostgreSQL server and a scratch directory for a series of runs."""
 
-    def __init__(self, dsn: str | None = None, positions: int = 500, keep: bool = False) -> None:
+    def __init__(
+        self, dsn: str | None = None, positions: int = 500, keep: bool = False, rss_limit_mb: float = 3000.0
+    ) -> None:
         self.admin_dsn = dsn
+        self.rss_limit_mb = rss_limit_mb
         self.positions = positions
         self.keep = keep
         self.scratch = Path(tempfile.mkdtemp(prefix="greeks-bench-e2e-"))
@@ -363,7 +375,12 @@ class Bench:
             at_start = _http(f"{control}/start", "POST")["offered"]  # the last-value ticks so far
             pre = sum(at_start[b] for b in brokers)
             spy = _profile.record(proc.pid, result.seconds, workdir / "profile.txt") if profile else None
-            time.sleep(result.seconds)
+            deadline = time.time() + result.seconds
+            while time.time() < deadline:
+                time.sleep(min(0.5, max(deadline - time.time(), 0.0)))
+                if current_rss_mb(proc.pid) > self.rss_limit_mb:  # a shared machine: no swapping
+                    _stop(proc, timeout=5.0)
+                    raise RuntimeError(f"stopped at the {self.rss_limit_mb:g} MB RSS limit (queue growing)")
             described = _http(f"{control}/stop", "POST")
             t_stop = time.time()
             p_stop, w_stop = _sample(stats_file, engine)  # the counter and when it was written
