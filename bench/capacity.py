@@ -55,7 +55,13 @@ def feed_ceiling(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
 
 
 def search(
-    bench: Bench, name: str, seconds: float, ceiling: float, refine: int, log: list[dict[str, Any]]
+    bench: Bench,
+    name: str,
+    seconds: float,
+    ceiling: float,
+    refine: int,
+    log: list[dict[str, Any]],
+    start: float | None = None,
 ) -> Run | None:
     """The best sustained trial of ``name`` (None: not even ``FLOOR`` ticks/s)."""
 
@@ -72,7 +78,7 @@ def search(
         )
         return r
 
-    rate = min(STARTS.get(name, 1000.0), ceiling)
+    rate = min(start or STARTS.get(name, 1000.0), ceiling)
     best: Run | None = None
     lo, hi = 0.0, None
     first = trial(rate)
@@ -114,6 +120,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--contestants", default="engine,sdk_executemany,sdk_execute,ibind_ws")
     parser.add_argument("--refine", type=int, default=2, help="bisection steps after the doubling")
     parser.add_argument("--ceiling-rate", type=float, default=400_000.0, help="rate asked of the feed alone")
+    parser.add_argument("--start", type=float, default=None, help="starting rate for every contestant")
     parser.add_argument("--positions", type=int, default=500)
     parser.add_argument("--dsn", default=None)
     args = parser.parse_args(argv)
@@ -126,7 +133,9 @@ def cli(argv: list[str] | None = None) -> int:
         ceiling = feed_ceiling(bench, args.ceiling_rate, min(args.seconds, 5.0))
         print(f"feed ceiling (bare consumer, both protocols): {ceiling['ticks_per_s']:,.0f} ticks/s")
         for name in names:
-            best[name] = search(bench, name, args.seconds, ceiling["ticks_per_s"], args.refine, trials)
+            best[name] = search(
+                bench, name, args.seconds, ceiling["ticks_per_s"], args.refine, trials, args.start
+            )
     capacity = {n: (r.ticks_per_s if r else 0.0) for n, r in best.items()}
     print(f"{'contestant':<18}{'sustained ticks/s':>20}")
     for n, v in capacity.items():

@@ -28,10 +28,11 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=float, default=1.5, help="rate step past 100k")
     parser.add_argument("--max-rate", type=float, default=600_000.0)
     parser.add_argument("--peers", default="", help="comma-separated peers swept too")
+    parser.add_argument("--contestant", default=ENGINE, help="engine, engine_dxlink or engine_ibkr")
     parser.add_argument("--positions", type=int, default=500)
     parser.add_argument("--dsn", default=None)
     args = parser.parse_args(argv)
-    names = [ENGINE] + [p for p in args.peers.split(",") if p]
+    names = [args.contestant] + [p for p in args.peers.split(",") if p]
     command = _report.command_line()
     series: dict[str, list[Run]] = {n: [] for n in names}
     with Bench(args.dsn, positions=args.positions) as bench:
@@ -59,14 +60,16 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"== {name}")
         print(_report.table(runs))
     doc: dict[str, Any] = {"command": command, "machine": machine(), "seconds": args.seconds}
-    doc["engine"] = [dict(rate=r.rate, sustained=r.sustained(r.rate), **r.keys()) for r in series[ENGINE]]
+    main = series[args.contestant]
+    doc["contestant"] = args.contestant
+    doc["engine"] = [dict(rate=r.rate, sustained=r.sustained(r.rate), **r.keys()) for r in main]
     doc["peers"] = {
         n: [dict(rate=r.rate, sustained=r.sustained(r.rate), **r.keys()) for r in runs]
         for n, runs in series.items()
-        if n != ENGINE
+        if n != args.contestant
     }
     doc["detail"] = {n: [r.detail() for r in runs] for n, runs in series.items()}
-    sustained = [r.rate for r in series[ENGINE] if r.sustained(r.rate)]
+    sustained = [r.rate for r in main if r.sustained(r.rate)]
     doc["engine_saturates_above"] = max(sustained) if sustained else None
     _report.write_json(args.out, doc)
     png = args.out.with_suffix(".png")
