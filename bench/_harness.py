@@ -47,7 +47,7 @@ from typing import Any
 import asyncpg
 
 from bench import _profile
-from bench.peers import PEERS, peer
+from bench.peers import PEERS, peer, peer_table
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -96,6 +96,7 @@ class Run:
     drained: bool = True
     latency_source: str = ""
     wire_ms: dict[str, float] | None = None
+    db_commit_latency_ms: dict[str, float] | None = None
     profile: dict[str, object] | None = None
     error: str | None = None
 
@@ -230,6 +231,13 @@ class Bench:
             from db.embedded import EmbeddedServer  # the harness may use the engine's tooling
 
             self.server = EmbeddedServer(self.scratch / "pg")  # fsync on: the engine's configuration
+            self.server.start()
+            self.admin_dsn = self.server.dsn()
+            # every row's commit time, server side (pg_xact_commit_timestamp): one latency method
+            # for every contestant, beside their own (it is taken before the WAL flush)
+            asyncio.run(_execute(self.admin_dsn, "ALTER SYSTEM SET track_commit_timestamp = on"))
+            self.server.requested_port = self.server.port
+            self.server.stop()
             self.server.start()
             self.admin_dsn = self.server.dsn()
         return self
@@ -433,6 +441,7 @@ class Bench:
             result.ticks_committed = _count(dsn, result.name)
             if engine and result.latency_source.startswith("writer.latency_ms"):
                 result.wire_ms = _wire_ms(dsn)
+            result.db_commit_latency_ms = _db_commit_latency(dsn, result.name)
             result.lost = result.ticks_offered - result.ticks_committed
             # Throughput while the feed streamed: the contestant's commit counter over the window
             # (rows for the engine, ticks for a peer), in ticks (distinct over counted rows).
@@ -542,6 +551,50 @@ def _count(dsn: str, name: str) -> int:
             await conn.close()
 
     return asyncio.run(count())
+
+
+async def _execute(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _db_commit_latency(dsn: str, name: str) -> dict[str, float] | None:
+    """Commit time (``pg_xact_commit_timestamp`` of each row's ``xmin``) minus event time, ms, over
+    the contestant's rows: the same method for everyone; it stops before the WAL flush and the
+    client's wake-up, so it reads a little lower than a client-side measurement."""
+
+    async def measure() -> dict[str, float] | None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            if await conn.fetchval("SHOW track_commit_timestamp") != "on":
+                return None
+            if is_engine(name):
+                table, ts, seq = "greeks_history", "event_ts", "seq"
+            else:
+                table, ts, seq = peer_table(name)
+            row = await conn.fetchrow(
+                "SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY d), max(d) FROM"
+                f" (SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin) - {ts}) * 1000 AS d"
+                f" FROM {table} WHERE {seq} >= 1) t"
+            )
+        except asyncpg.PostgresError:
+            return None
+        finally:
+            await conn.close()
+        if row is None or row[0] is None:
+            return None
+        p = row[0]
+        return {
+            "p50": round(p[0], 3),
+            "p95": round(p[1], 3),
+            "p99": round(p[2], 3),
+            "max": round(float(row[1]), 3),
+        }
+
+    return asyncio.run(measure())
 
 
 def _wire_ms(dsn: str) -> dict[str, float]:

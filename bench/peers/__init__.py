@@ -33,3 +33,12 @@ def peer(name: str) -> tuple[Main, str, tuple[str, ...]]:
 
 
 PEERS = ("sdk_execute", "sdk_executemany", "ibind_ws", "poll")
+
+
+def peer_table(name: str) -> tuple[str, str, str]:
+    """``(table, event time column, seq column)`` of peer ``name``'s rows."""
+    if name in ("sdk_execute", "sdk_executemany"):
+        return "greeks", "event_time", "sequence"
+    if name in ("ibind_ws", "poll"):
+        return "ibkr_ticks", "updated", "seq"
+    raise ValueError(f"unknown peer {name!r}")
