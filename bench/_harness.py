@@ -225,8 +225,11 @@ class Bench:
         self.scratch.chmod(0o755)
         self.server: Any = None
         self.runs = 0
+        self._previous_sigterm: Any = signal.SIG_DFL
 
     def __enter__(self) -> Bench:
+        # SIGTERM as SystemExit: the context managers stop the feed, the contestant and the server
+        self._previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         if self.admin_dsn is None:
             from db.embedded import EmbeddedServer  # the harness may use the engine's tooling
 
@@ -243,10 +246,13 @@ class Bench:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.server is not None:
-            self.server.stop()
-        if not self.keep:
-            shutil.rmtree(self.scratch, ignore_errors=True)
+        try:
+            if self.server is not None:
+                self.server.stop()
+            if not self.keep:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     @property
     def postmaster(self) -> int | None:

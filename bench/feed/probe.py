@@ -24,7 +24,7 @@ import websockets
 
 IBKR_FIELDS = ["31", "84", "86", "7635", "7308", "7309", "7310", "7311", "7633", "6457"]
 GREEKS_FIELDS = ["eventSymbol", "eventTime", "time", "sequence", "price", "volatility", "delta"]
-QUOTE_FIELDS = ["eventSymbol", "eventTime", "sequence", "bidPrice", "askPrice"]
+QUOTE_FIELDS = ["eventSymbol", "eventTime", "sequence", "bidTime", "askTime", "bidPrice", "askPrice"]
 UA = {"User-Agent": "bench-probe/1.0"}
 
 
@@ -145,7 +145,7 @@ async def dxlink(api: str, secret: str, refresh: str, counts: Counts, stop: asyn
                 names = layouts[event_type]
                 width = len(names)
                 i_sym, i_seq = names.index("eventSymbol"), names.index("sequence")
-                i_time = names.index("eventTime")
+                i_time = names.index("time") if "time" in names else names.index("bidTime")
                 counts.frames += 1
                 for i in range(0, len(values), width):
                     _count(counts, values[i + i_sym], values[i + i_seq], values[i + i_time])

@@ -11,8 +11,9 @@ sequence number filled in per send. No Black-Scholes per tick, no JSON encoding 
   full one (sent at once, running or not), then deltas (the fields that changed between two
   pre-built ticks). ``_updated`` is the send time (ms), ``_seq`` the per-contract sequence.
 - DXLink: COMPACT ``FEED_DATA`` frames holding up to ``max_events_per_frame`` events of one
-  type, in the field order the client asked for in ``FEED_SETUP``; ``eventTime``, ``time``,
-  ``bidTime`` and ``askTime`` are the send time (ms), ``sequence`` the per-contract sequence
+  type, in the field order the client asked for in ``FEED_SETUP``; ``time``, ``bidTime`` and
+  ``askTime`` are the send time (ms; ``eventTime`` is 0 as from the real feed), ``sequence`` the
+  per-contract sequence
   (one counter per contract across event types: every event is one tick). A new subscription
   gets its last-value event at once. A channel the client switched to FULL gets FULL frames.
 - ``poll`` mix: no streaming; ``/iserver/marketdata/snapshot`` answers from a virtual stream

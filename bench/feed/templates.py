@@ -22,8 +22,9 @@ SEQ_SLOT = "%(s)d"
 INDEX_SLOT = "%(i)d"
 INDEX_SEQ_MASK = (1 << 22) - 1
 
-#: DXLink fields stamped with the send time (ms) and the sequence number
-DX_TIME_FIELDS = frozenset({"eventTime", "time", "bidTime", "askTime"})
+#: DXLink fields stamped with the send time (ms) and the sequence number. ``eventTime`` stays 0,
+#: as the real feed sends it: clients take the event's own time fields then.
+DX_TIME_FIELDS = frozenset({"time", "bidTime", "askTime"})
 DX_SEQ_FIELDS = frozenset({"sequence"})
 DX_INDEX_FIELDS = frozenset({"index"})
 
