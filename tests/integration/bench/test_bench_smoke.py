@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 
 def test_feed_serves_both_protocols(pg: PgTarget, tmp_path: Path) -> None:
-    with Bench(pg.admin_dsn, positions=40) as bench, bench.feed(1000.0, "both", tmp_path) as (ready, _pid):
+    with Bench(pg.admin_dsn, positions=40) as bench, bench.feed(20000.0, "both", tmp_path) as (ready, _pid):
         result = asyncio.run(probe(ready, 1.0, ("ibkr", "tastytrade")))
         ledger = _http(f"{ready['control']}/ledger")["brokers"]
     for broker in ("ibkr", "tastytrade"):
