@@ -38,7 +38,7 @@ import math
 import random
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 
 from normalize import bsm
@@ -506,6 +506,35 @@ class Market:
         tick = self._state(key, now, seq)
         self._ledger[(broker, key)] = seq
         return tick
+
+    def ticks(self, broker: str, key: str, now: float, count: int) -> list[Tick]:
+        """``count`` emissions of ``key`` at the same instant (one per event sent): the same
+        values, consecutive seqs, all recorded; the state is computed once."""
+        if count <= 0:
+            return []
+        first = self.tick(broker, key, now)
+        seq = first.seq
+        rest = [replace(first, seq=seq + i) for i in range(1, count)]
+        self._ledger[(broker, key)] = seq + count - 1
+        return [first, *rest]
+
+    def set_positions(self, broker: str, positions: list[SimPosition]) -> None:
+        """Replace ``broker``'s book at run time (positions opened, changed or closed); their
+        contracts become known to every simulator."""
+        if broker not in self._positions:
+            raise ValueError(f"unknown broker {broker!r}")
+        for pos in positions:
+            if pos.broker != broker:
+                raise ValueError(f"position of {pos.broker!r} in the book of {broker!r}")
+            if pos.contract.key not in self.contracts:
+                if pos.contract.asset_class == "OPT" and pos.contract.key not in self._models:
+                    raise ValueError(f"{pos.contract.key!r} is not an option of this market")
+                self._add(pos.contract)
+        self._positions[broker] = list(positions)
+
+    def option(self, underlying: str, expiry: date, right: str, strike: float) -> SimContract:
+        """An option on one of the market's underlyings (built on demand, priced like the rest)."""
+        return self._option(self.specs[underlying], expiry, right, strike)
 
     def peek(self, key: str, now: float, broker: str | None = None) -> Tick:
         """The same values as :meth:`tick` without emitting; ``seq`` is the last one emitted
