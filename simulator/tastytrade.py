@@ -1008,12 +1008,11 @@ class TastytradeSim:
         self._activity.set()
         self._activity = asyncio.Event()
 
-    async def wait_until(self, predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    async def wait_until(self, predicate: Callable[[], object]) -> None:
         """Wait until ``predicate()`` is true, re-checking on every client message and connection
-        change (no polling). Raises ``TimeoutError`` after ``timeout`` seconds."""
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await self._activity.wait()
+        change (no polling); bound it with ``anyio.fail_after``."""
+        while not predicate():
+            await self._activity.wait()
 
     def all_connections(self) -> list[_Connection]:
         """Closed connections (oldest first), then the open ones."""
