@@ -314,6 +314,7 @@ class ConnectionState(StrEnum):
 
 # --------------------------------------------------------------------------- decoding
 
+_STR_TYPE: Final = frozenset({str})
 _NUMBER_TYPES: Final = frozenset({int, float, type(None)})
 _SCALAR_TYPES: Final = frozenset({int, float, str, bool, type(None)})
 _new_tuple = tuple.__new__
@@ -321,9 +322,12 @@ _new_tuple = tuple.__new__
 
 class _Layout:
     """How to turn one channel's rows of one event type into event tuples (compiled once per
-    FEED_CONFIG, used per row)."""
+    FEED_CONFIG for that channel and type)."""
 
-    __slots__ = ("cls", "event_type", "fields", "getter", "identity", "numeric_end", "width", "wire_index")
+    __slots__ = (
+        "cls", "event_type", "fields", "getter", "identity", "numeric_end", "numeric_columns",
+        "symbol_column", "tail_columns", "width",
+    )  # fmt: skip
 
     def __init__(self, event_type: str, wire_fields: Sequence[str]) -> None:
         self.event_type = event_type
@@ -335,11 +339,15 @@ class _Layout:
             position.setdefault(name, i)
         if "eventSymbol" not in position:
             raise ValueError(f"{event_type} fields lack eventSymbol")
-        # absent fields point at the padding slot (index `width`, a None appended to the row)
-        self.wire_index = tuple(position.get(name, self.width) for name in canonical)
+        self.numeric_end = end = _NUMERIC_END[event_type]
+        # wire columns to check, by what the tuple field needs (wire fields we do not know are
+        # passed over: their values never reach an event)
+        self.symbol_column = position["eventSymbol"]
+        self.numeric_columns = tuple(position[n] for n in canonical[1:end] if n in position)
+        self.tail_columns = tuple(position[n] for n in canonical[end:] if n in position)
         self.identity = tuple(wire_fields) == canonical
-        self.getter = itemgetter(*self.wire_index)
-        self.numeric_end = _NUMERIC_END[event_type]
+        # absent fields point at the padding slot (index `width`, a None appended to the row)
+        self.getter = itemgetter(*(position.get(name, self.width) for name in canonical))
         self.fields = frozenset(name for name in canonical if name in position)
 
     def check(self, row: Sequence[Any]) -> tuple[Any, ...] | None:
@@ -366,61 +374,60 @@ class _Layout:
                 out[i] = None
         return tuple(out)
 
+    def suspect_rows(self, values: list[Any]) -> set[int]:
+        """Rows that need :meth:`check`: a value of an unexpected type (``"NaN"`` included) in
+        a column. Scans column by column with C-level ``map(type, ...)``, the hot path."""
+        width = self.width
+        suspects: set[int] = set()
+        column = values[self.symbol_column :: width]
+        if not _STR_TYPE.issuperset(map(type, column)) or "" in column:
+            suspects.update(i for i, v in enumerate(column) if v.__class__ is not str or not v)
+        for col in self.numeric_columns:
+            column = values[col::width]
+            if not _NUMBER_TYPES.issuperset(map(type, column)):
+                suspects.update(i for i, v in enumerate(column) if v.__class__ not in _NUMBER_TYPES)
+        for col in self.tail_columns:
+            column = values[col::width]
+            if not _SCALAR_TYPES.issuperset(map(type, column)) or not NAN_STRINGS.isdisjoint(
+                v for v in column if v.__class__ is str
+            ):
+                suspects.update(
+                    i
+                    for i, v in enumerate(column)
+                    if v.__class__ not in _SCALAR_TYPES or (v.__class__ is str and v in NAN_STRINGS)
+                )
+        return suspects
+
 
 def decode_compact(layout: _Layout, values: list[Any]) -> tuple[list[Any], int]:
     """COMPACT values (k events x N fields, flattened) -> (event tuples, rows rejected).
 
-    The caller has checked ``len(values) % layout.width == 0``. This is the hot path: a row
-    whose fields are all numbers (or absent) after a string symbol becomes a tuple with one
-    slice and one C-level type check; anything else (``"NaN"``, a bad type) takes
-    :meth:`_Layout.check`.
+    The caller has checked ``len(values) % layout.width == 0``. This is the hot path: the
+    values are type-checked column by column (:meth:`_Layout.suspect_rows`), then every clean
+    row becomes a tuple with one slice (plus one ``itemgetter`` call when the wire order is not
+    the tuple's); only rows with ``"NaN"`` or a bad value go through :meth:`_Layout.check`.
     """
     width = layout.width
-    end = layout.numeric_end
     cls = layout.cls
-    numbers = _NUMBER_TYPES
-    scalars = _SCALAR_TYPES
-    nan = NAN_STRINGS
+    suspects = layout.suspect_rows(values)
+    if layout.identity and not suspects:
+        return [_new_tuple(cls, values[base : base + width]) for base in range(0, len(values), width)], 0
     events: list[Any] = []
     append = events.append
     rejected = 0
-    if layout.identity:
-        tail = end < width
-        for base in range(0, len(values), width):
-            row = values[base : base + width]
-            if (
-                row[0].__class__ is str
-                and numbers.issuperset(map(type, row[1:end]))
-                and (not tail or (scalars.issuperset(map(type, row[end:])) and nan.isdisjoint(row[end:])))
-                and row[0]
-            ):
-                append(_new_tuple(cls, row))
-                continue
+    getter = None if layout.identity else layout.getter
+    for row_index, base in enumerate(range(0, len(values), width)):
+        row = values[base : base + width]
+        if getter is not None:
+            row.append(None)
+            row = getter(row)
+        if row_index in suspects:
             checked = layout.check(row)
             if checked is None:
                 rejected += 1
-            else:
-                append(_new_tuple(cls, checked))
-        return events, rejected
-    getter = layout.getter
-    for base in range(0, len(values), width):
-        row = values[base : base + width]
-        row.append(None)
-        t = getter(row)
-        if (
-            t[0].__class__ is str
-            and numbers.issuperset(map(type, t[1:end]))
-            and scalars.issuperset(map(type, t[end:]))
-            and nan.isdisjoint(t[end:])
-            and t[0]
-        ):
-            append(_new_tuple(cls, t))
-            continue
-        checked = layout.check(t)
-        if checked is None:
-            rejected += 1
-        else:
-            append(_new_tuple(cls, checked))
+                continue
+            row = checked
+        append(_new_tuple(cls, row))
     return events, rejected
 
 
