@@ -417,10 +417,9 @@ def decode_compact(layout: _Layout, values: list[Any]) -> tuple[list[Any], int]:
     rejected = 0
     getter = None if layout.identity else layout.getter
     for row_index, base in enumerate(range(0, len(values), width)):
-        row = values[base : base + width]
+        row: Sequence[Any] = values[base : base + width]
         if getter is not None:
-            row.append(None)
-            row = getter(row)
+            row = getter([*row, None])
         if row_index in suspects:
             checked = layout.check(row)
             if checked is None:
