@@ -239,6 +239,7 @@ class _Connection:
         self._rearm = anyio.Event()
         self.binary_next = False
         self.token: str | None = None  # the quote token this connection authorized with
+        self.number = 0  # 1 for the simulator's first connection, 2 for the next...
         self.frames_sent = 0
         self.unsent = 0  # frames taken from the protocol and not yet written
 
@@ -881,6 +882,7 @@ class TastytradeSim:
         conn = _Connection(self, ws, request)
         self.connections.add(conn)
         self.connections_total += 1
+        conn.number = self.connections_total
         log.info("dxlink_connected", connections=len(self.connections))
         self.notify()
         try:
@@ -1014,9 +1016,20 @@ class TastytradeSim:
         while not predicate():
             await self._activity.wait()
 
+    def send_to_clients(self, text: str) -> int:
+        """Queue a raw text frame on every authorized open connection (e.g. an informational
+        ERROR); returns how many got it."""
+        sent = 0
+        for conn in list(self.connections):
+            if conn.proto.authorized:
+                conn.proto.send_raw(text, time.monotonic())
+                conn.wake()
+                sent += 1
+        return sent
+
     def all_connections(self) -> list[_Connection]:
-        """Closed connections (oldest first), then the open ones."""
-        return [*self.closed_connections, *self.connections]
+        """Every connection so far, oldest first."""
+        return sorted([*self.closed_connections, *self.connections], key=lambda c: c.number)
 
     def subscribed_symbols(self) -> set[tuple[str, str]]:
         """Every ``(event type, symbol)`` subscribed on any connection."""

@@ -68,7 +68,7 @@ from normalize.tastytrade import (
     subscription_plan,
 )
 from supervisor.context import ActorContext
-from supervisor.errors import TransientError
+from supervisor.errors import FatalError, TransientError
 from supervisor.spec import RunFn
 
 PUBLISH_INTERVAL_S = 0.5
@@ -102,6 +102,7 @@ class _Connection:
     proto: DxLinkProtocol
     host: str
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    rearm: anyio.Event = field(default_factory=anyio.Event)  # the codec's deadlines moved earlier
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: bool = False
     updates: int = 0
@@ -179,10 +180,13 @@ class _Attempt:
                     positions=self.positions_count,
                     subscriptions=len(self.plan.items),
                 )
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._publish_loop)
-                    tg.start_soon(self._positions_loop)
-                    await self._stream()
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._publish_loop)
+                        tg.start_soon(self._positions_loop)
+                        await self._stream()
+                except BaseExceptionGroup as group:
+                    raise _first(group) from None
         finally:
             self.connection_state = "down"
             self._publish(changed=True)
@@ -315,8 +319,7 @@ class _Attempt:
                 counters.frames_total += 1
                 proto.receive_text(message, mono())
                 batch: list[BrokerEvent] = []
-                updates = conn.updates
-                ended = self._handle(conn, proto.events_received(), received, batch)
+                ended, updates = self._handle(conn, proto.events_received(), received, batch)
                 await self._flush(conn)
                 if batch:
                     self.reading_blocked = True
@@ -325,8 +328,9 @@ class _Attempt:
                     if conn.started and self.task_status is not None:
                         self.task_status.started()
                         self.task_status = None
-                    if conn.updates > updates:
-                        ctx.record_events(conn.updates - updates)
+                    if updates:
+                        conn.updates += updates  # counted once on the channel
+                        ctx.record_events(updates)
                 if ended is not None:
                     return ended
         except ConnectionClosed as exc:
@@ -340,14 +344,18 @@ class _Attempt:
             deadline = proto.next_deadline()
             if math.isinf(deadline):
                 return
-            await anyio.sleep_until(deadline)
+            with anyio.move_on_after(max(deadline - anyio.current_time(), 0.0)):
+                await conn.rearm.wait()  # the feed came up: the stale deadline now applies
+            if conn.rearm.is_set():
+                conn.rearm = anyio.Event()
+                continue
             now = anyio.current_time()
             if self.reading_blocked:
                 proto.note_backpressure(now)
             proto.on_timer(now)
             if not await self._flush(conn, quiet=True):
                 return  # the reader sees the close
-            ended = self._handle(conn, proto.events_received(), self.clock(), [])
+            ended, _ = self._handle(conn, proto.events_received(), self.clock(), [])
             if ended is not None:
                 conn.outcome = ended
                 conn.scope.cancel()
@@ -355,14 +363,15 @@ class _Attempt:
 
     def _handle(
         self, conn: _Connection, events: list[Event], received: float, batch: list[BrokerEvent]
-    ) -> _Outcome | None:
-        """React to the codec's events; instrument updates go into ``batch``."""
+    ) -> tuple[_Outcome | None, int]:
+        """React to the codec's events; instrument updates go into ``batch``. Returns how the
+        connection ended (if it did) and how many updates were added."""
         ended: _Outcome | None = None
+        start = len(batch)
+        sessions = 0
         for ev in events:
             if type(ev) is FeedData:
-                before = len(batch)
                 map_feed(ev, self.plan.keys, received, batch.append)
-                conn.updates += len(batch) - before
             elif isinstance(ev, Malformed):
                 self.counters.malformed_total += 1
                 n = self.counters.malformed_total
@@ -370,6 +379,8 @@ class _Attempt:
                     self.log.warning("dxlink_malformed", reason=ev.reason, frame=ev.excerpt, total=n)
             elif isinstance(ev, FeedReady):
                 conn.started = True
+                conn.rearm.set()
+                sessions += 1
                 batch.append(
                     SessionStarted(
                         BROKER, conn.session_id, tuple(self.accounts), conn.host, self.mode, received
@@ -404,7 +415,7 @@ class _Attempt:
                 self.log.info("dxlink_authorized", host=conn.host)
             elif isinstance(ev, _ENDED) and ended is None:
                 ended = _Outcome(ev.reason, conn.started, new_token=isinstance(ev, Unauthorized))
-        return ended
+        return ended, len(batch) - start - sessions
 
     async def _flush(self, conn: _Connection, *, quiet: bool = False) -> bool:
         """Send what the codec queued. With ``quiet``, a closed socket returns False instead of
@@ -447,6 +458,24 @@ class _Attempt:
         while True:
             await anyio.sleep(PUBLISH_INTERVAL_S)
             self._publish()
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception to raise for a failed task group: a FatalError if any, else the first
+    that is not a cancellation (the supervisor restarts on it)."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(reversed(exc.exceptions))
+        else:
+            leaves.append(exc)
+    for exc in leaves:
+        if isinstance(exc, FatalError):
+            return exc
+    cancelled = anyio.get_cancelled_exc_class()
+    return next((e for e in leaves if not isinstance(e, cancelled)), leaves[0])
 
 
 def _describe_close(exc: ConnectionClosed) -> str:

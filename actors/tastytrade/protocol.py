@@ -29,7 +29,7 @@ Handshake, one connection (the table in ``tests/unit/actors/test_tastytrade_prot
     any         + ERROR (other types)     -> ErrorMessage (informational; state unchanged)
     any         + CHANNEL_CLOSED (ours)   -> ChannelClosed                          CLOSED
     not STREAMING after handshake_timeout -> HandshakeTimeout                       CLOSED
-    nothing received for stale_s          -> Stale                                  CLOSED
+    STREAMING, nothing received for stale_s -> Stale                                CLOSED
     nothing sent for keepalive_s          -> KEEPALIVE
 
 Once CLOSED the connection is over: the actor reconnects with a new protocol instance (a new
@@ -599,10 +599,10 @@ class DxLinkProtocol:
         """When :meth:`on_timer` next has something to do (``inf`` once closed)."""
         if self.state is ConnectionState.CLOSED:
             return float("inf")
-        deadline = min(self.last_sent + self.keepalive_s, self.last_received + self.stale_s)
-        if self.state is not ConnectionState.STREAMING:
-            deadline = min(deadline, self.opened_at + self.handshake_timeout_s)
-        return deadline
+        deadline = self.last_sent + self.keepalive_s
+        if self.state is ConnectionState.STREAMING:
+            return min(deadline, self.last_received + self.stale_s)
+        return min(deadline, self.opened_at + self.handshake_timeout_s)
 
     def on_timer(self, now: float) -> None:
         """Run the timers due at ``now``: handshake timeout, staleness, keepalive."""
@@ -616,7 +616,7 @@ class DxLinkProtocol:
             )
             return
         silent = now - self.last_received
-        if silent >= self.stale_s:
+        if self.state is ConnectionState.STREAMING and silent >= self.stale_s:
             self._end(Stale(f"nothing received for {silent:.1f} s"))
             return
         if now - self.last_sent >= self.keepalive_s:

@@ -329,6 +329,14 @@ def test_handshake_timeout(state: ConnectionState) -> None:
     assert p.state is S.CLOSED
 
 
+def test_staleness_is_for_streaming_connections_the_handshake_has_its_own_timeout() -> None:
+    p = at(S.AUTH_SENT, handshake_timeout_s=8, keepalive_s=30, stale_s=2)
+    assert p.next_deadline() == T0 + 8
+    p.on_timer(T0 + 5)
+    assert p.events_received() == []
+    assert p.state is S.AUTH_SENT
+
+
 def test_no_handshake_timeout_once_streaming() -> None:
     p = at(S.STREAMING, handshake_timeout_s=3, keepalive_s=30, stale_s=60)
     p.on_timer(T0 + 10)
