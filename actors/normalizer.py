@@ -1,51 +1,151 @@
-"""The normalizer actor: a thin loop from the raw channel to the rows channel.
+"""The normalizer actor: broker-neutral events from ``raw`` -> :class:`~normalize.book.Book` ->
+``RowsBatch`` items on ``rows``.
 
-Each item on ``raw`` is a batch (everything decoded from one frame, or one feed flush). The actor
-takes everything already queued, hands it to a pure ``normalize`` function, and forwards one rows
-batch: one channel send per batch, never per tick. When ``raw`` ends (all producers stopped at
-shutdown) it forwards what it has and returns, which closes its ``rows`` clone so the writer can
-drain in turn.
+Two tasks around the pure parts:
+
+- the receiver takes everything queued on ``raw`` (each item is one frame's list of events),
+  applies it to the book and adds the output to the :class:`~normalize.conflate.Outbox`; it never
+  waits for the ``rows`` channel, so a slow writer never blocks the brokers;
+- the sender takes everything pending as one batch and sends it: one channel send per batch,
+  never per tick. When ``rows`` is full, the receiver's new rows are conflated (newest per
+  position wins, counted as ``conflated_total``) until the channel has room again.
+
+The book and the outbox live outside one attempt: a restarted normalizer keeps its positions and
+its pending rows. When ``raw`` ends (every broker stopped in the drain) the sender sends what is
+pending and the actor returns, which closes its ``rows`` clone so the writer can drain in turn.
+
+Status: ``actors.normalizer`` gains ``conflated_total``, ``bad_events``, ``model_rows``,
+``positions``; the ``portfolio`` section holds the portfolio Greeks (at most once a second).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
-from normalize.model import GreeksSnapshot
+from normalize.book import Book
+from normalize.conflate import Outbox
 from supervisor.context import ActorContext
 from supervisor.spec import RunFn
 
-NormalizeFn = Callable[[Sequence[Any]], list[GreeksSnapshot]]
+PUBLISH_INTERVAL_S = 1.0
 
 
-def passthrough(items: Sequence[Any]) -> list[GreeksSnapshot]:
-    """Batches that are already canonical rows (the demo feeds) are flattened unchanged."""
-    rows: list[GreeksSnapshot] = []
-    for batch in items:
-        rows.extend(batch)
-    return rows
+def make_normalizer(
+    *,
+    risk_free_rate: float = 0.04,
+    max_batches: int = 256,
+    clock: Callable[[], float] = time.monotonic,
+    book: Book | None = None,
+) -> RunFn:
+    """The normalizer's ``RunFn`` (``book``: inject one to inspect it in tests)."""
+    book = book if book is not None else Book(risk_free_rate=risk_free_rate)
+    outbox = Outbox()
+    bad_seen = 0
 
-
-def make_normalizer(normalize: NormalizeFn = passthrough, *, max_batches: int = 256) -> RunFn:
     async def run(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        nonlocal bad_seen
         raw = ctx.receivers["raw"]
         rows_out = ctx.senders["rows"]
-        task_status.started()
-        with rows_out:
-            async for first in raw:
-                items = [first]
-                while len(items) < max_batches:
+        wake = anyio.Event()
+        blocked = False
+        receiving = True
+        last_publish = -PUBLISH_INTERVAL_S
+
+        def publish(force: bool = False) -> None:
+            nonlocal last_publish
+            now = clock()
+            if not force and now - last_publish < PUBLISH_INTERVAL_S:
+                return
+            last_publish = now
+            ctx.set_info(
+                conflated_total=outbox.conflated_total,
+                bad_events=book.bad_events,
+                model_rows=book.model_rows_total,
+                positions=len(book.positions()),
+            )
+            ctx.publish("portfolio", portfolio_status(book.portfolio()))
+
+        async def sender() -> None:
+            nonlocal wake, blocked
+            while True:
+                batch = outbox.take()
+                if batch is None:
+                    if not receiving:
+                        return
+                    await wake.wait()
+                    wake = anyio.Event()
+                    continue
+                try:
+                    rows_out.send_nowait(batch)
+                except anyio.WouldBlock:
+                    blocked = True
                     try:
-                        items.append(raw.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                rows = normalize(items)
-                if rows:
-                    await rows_out.send(rows)
-                ctx.record_events(len(rows))
+                        await rows_out.send(batch)
+                    except BaseException:
+                        outbox.requeue(batch)  # cancelled or failed: the next attempt sends it
+                        raise
+                    finally:
+                        blocked = False
+                    continue
+                if outbox.episode_conflated:
+                    ctx.log.warning(
+                        "rows_conflated",
+                        rows=outbox.end_episode(),
+                        conflated_total=outbox.conflated_total,
+                        detail="the rows channel was full: newest row per position kept",
+                    )
+
+        with rows_out:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sender)
+                task_status.started()
+                try:
+                    async for first in raw:
+                        items = [first]
+                        while len(items) < max_batches:
+                            try:
+                                items.append(raw.receive_nowait())
+                            except (anyio.WouldBlock, anyio.EndOfStream):
+                                break
+                        out = book.apply(event for batch in items for event in batch)
+                        outbox.add(out.rows, out.positions, out.sessions, blocked=blocked)
+                        wake.set()
+                        ctx.record_events(len(out.rows))
+                        if book.bad_events != bad_seen:
+                            ctx.log.error(
+                                "bad_events_skipped",
+                                events=book.bad_events - bad_seen,
+                                bad_events_total=book.bad_events,
+                                last_error=book.last_bad_event,
+                            )
+                            bad_seen = book.bad_events
+                        publish()
+                finally:
+                    receiving = False
+                    wake.set()
+            publish(force=True)
 
     return run
+
+
+def portfolio_status(portfolio: dict[str, Any]) -> dict[str, Any]:
+    """The ``portfolio`` section of the status file: ``as_of`` as ISO-8601 UTC, numbers rounded."""
+    as_of = portfolio["as_of"]
+    return {
+        "as_of": None
+        if as_of is None
+        else datetime.fromtimestamp(as_of, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "total": _rounded(portfolio["total"]),
+        "by_underlying": {u: _rounded(e) for u, e in portfolio["by_underlying"].items()},
+        "positions_without_data": portfolio["positions_without_data"],
+    }
+
+
+def _rounded(exposure: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, int) else round(v, 4) for k, v in exposure.items()}

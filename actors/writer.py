@@ -42,6 +42,7 @@ from db.batch import Batch, BatchBuilder, clean_rows, days_of, partition_days, r
 from db.latency import LatencyTracker
 from db.migrate import migrate
 from db.spool import Spool
+from normalize.events import RowsBatch
 from normalize.model import GreeksSnapshot
 from supervisor.context import ActorContext
 from supervisor.errors import FatalError
@@ -215,7 +216,7 @@ class _Writer:
                 first = await rx.receive()
             except anyio.EndOfStream:
                 return
-            self.builder.start(first, self.clock())
+            self.builder.start(_rows_of(first), self.clock())
             eof = False
             while not self.builder.full(self.clock()):
                 try:
@@ -225,7 +226,7 @@ class _Writer:
                 except anyio.EndOfStream:
                     eof = True
                     break
-                self.builder.add(item)
+                self.builder.add(_rows_of(item))
             # The batch is in the buffer before any await: cancelled or crashed from here on,
             # the shutdown drain commits or spools it.
             batch = await self._clean_and_buffer(self.builder.take())
@@ -643,10 +644,10 @@ class _Writer:
             return out
         while True:
             try:
-                item: Sequence[GreeksSnapshot] = rx.receive_nowait()
+                item: Sequence[GreeksSnapshot] | RowsBatch = rx.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 return out
-            out.extend(item)
+            out.extend(_rows_of(item))
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -685,6 +686,11 @@ class _Writer:
     def _maybe_publish(self) -> None:
         if self.clock() - self.last_publish >= self.publish_interval_s:
             self._publish()
+
+
+def _rows_of(item: Sequence[GreeksSnapshot] | RowsBatch) -> Sequence[GreeksSnapshot]:
+    """The rows of a ``rows`` channel item (positions and sessions are not stored yet)."""
+    return item.rows if isinstance(item, RowsBatch) else item
 
 
 def _is_data_error(exc: BaseException) -> bool:

@@ -49,6 +49,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "SHUTDOWN_TIMEOUT_S": ("10", "seconds an actor may take to drain on SIGINT/SIGTERM"),
     "SIMULATE": ("false", "force the broker simulators even when credentials are set"),
     "BROKERS": ("ibkr,tastytrade", "comma-separated brokers to stream"),
+    "RISK_FREE_RATE": (
+        "0.04",
+        "rate for model Greeks when a broker sends none (a fraction: 0.04 = 4 %)",
+    ),
     "RESTART_BACKOFF_INITIAL_S": ("0.5", "first restart delay of a crashed actor"),
     "RESTART_BACKOFF_MAX_S": ("30", "longest restart delay; the pace of a `failed` actor"),
     "RESTART_MAX": ("5", "restarts allowed within RESTART_PERIOD_S before `failed`"),
@@ -361,6 +365,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         shutdown_timeout_s=r.number("SHUTDOWN_TIMEOUT_S", 10.0),
         simulate=r.boolean("SIMULATE", False),
         brokers=brokers,
+        risk_free_rate=r.number("RISK_FREE_RATE", 0.04, low=-0.2, high=1.0, low_inclusive=True),
         restart=restart,
         channels=ChannelSettings(
             raw_capacity=r.integer("CHANNEL_RAW_CAPACITY", 256, low=1),

@@ -119,6 +119,7 @@ class Settings:
     shutdown_timeout_s: float = 10.0
     simulate: bool = False
     brokers: tuple[str, ...] = ("ibkr", "tastytrade")
+    risk_free_rate: float = 0.04  # fallback (model) Greeks: continuously compounded, a fraction
     restart: RestartSettings = field(default_factory=RestartSettings)
     channels: ChannelSettings = field(default_factory=ChannelSettings)
     db: DatabaseSettings = field(default_factory=DatabaseSettings)

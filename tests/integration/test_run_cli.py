@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -131,7 +132,12 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
 
         def healthy() -> dict[str, Any] | None:
             doc = read_status(status_file)
-            if doc and doc["status"] == "ok" and doc["actors"]["writer"]["events_total"] > 0:
+            if (
+                doc
+                and doc["status"] == "ok"
+                and doc["actors"]["writer"]["events_total"] > 0
+                and doc.get("portfolio", {}).get("total", {}).get("positions", 0) > 0
+            ):
                 return doc
             return None
 
@@ -146,10 +152,20 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
         assert doc["channels"]["rows"]["capacity"] == 256
         assert doc["brokers"] == {"ibkr": "simulated", "tastytrade": "simulated"}
         assert doc["writer"]["db"] == "connected"
+        if "DATABASE_URL" not in env:
+            assert doc["database"]["embedded"] is True
+            assert doc["database"]["host"] == "127.0.0.1"
+            assert doc["database"]["name"] == "portfolio_engine"
 
         human = run_status(env=env)
         assert human.returncode == 0, human.stdout + human.stderr
         assert human.stdout.startswith("status: ok")
+        portfolio = doc["portfolio"]
+        assert portfolio["total"]["positions"] > 0
+        assert set(portfolio["by_underlying"]) >= {"SPY", "SPX"}
+        assert "portfolio (as of 20" in human.stdout
+        assert "\ndatabase: " in human.stdout
+        assert "\n  total " in human.stdout
         raw = run_status("--json", env=env)
         assert raw.returncode == 0
         assert json.loads(raw.stdout)["pid"] == proc.pid
@@ -286,3 +302,52 @@ def test_sigterm_while_the_embedded_database_starts_exits_0_and_stops_it(tmp_pat
     events = [json.loads(line)["event"] for line in out.decode().splitlines()]
     assert "stop_requested" in events
     assert not list((tmp_path / "var" / "postgres").rglob("postmaster.pid"))
+
+
+@pytest.mark.integration
+@pytest.mark.postgres
+def test_psql_opens_the_embedded_database_and_stops_what_it_started(tmp_path: Path) -> None:
+    env = engine_env(tmp_path)
+    query = "select current_database(), current_user"
+    result = subprocess.run(
+        [sys.executable, "run.py", "psql", "-At", "-c", query],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "portfolio_engine|postgres"
+    password = (tmp_path / "var" / "postgres.pgpass").read_text().strip().rsplit(":", 1)[1]
+    assert password not in result.stdout + result.stderr
+    assert "starting the embedded server" in result.stderr
+    from db.embedded import EmbeddedServer
+
+    assert not EmbeddedServer(tmp_path / "var" / "postgres").is_running()  # stopped again
+    # A psql error is psql's exit status.
+    bad = subprocess.run(
+        [sys.executable, "run.py", "psql", "-c", "select * from no_such_table"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert bad.returncode != 0
+    assert "no_such_table" in bad.stderr
+
+
+def test_psql_with_database_url_keeps_the_password_off_the_command_line(tmp_path: Path) -> None:
+    import run
+    from config.loader import load_settings
+
+    settings = load_settings(
+        {"DATABASE_URL": "postgresql://alice:s3cr%3At@db.example:6543/prod?sslmode=require"}
+    )
+    with contextlib.ExitStack() as stack:
+        target, pgpass = run._psql_target(settings, tmp_path, stack)
+    assert target == "postgresql://alice@db.example:6543/prod?sslmode=require"
+    assert "s3cr" not in target
+    assert Path(pgpass).read_text() == "*:*:*:alice:s3cr\\:t\n"
+    assert Path(pgpass).stat().st_mode & 0o077 == 0

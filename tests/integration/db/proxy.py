@@ -7,6 +7,7 @@ until ``restore()``. It runs as a task in the test's own task group.
 from __future__ import annotations
 
 import contextlib
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 from anyio.abc import SocketStream, TaskGroup
@@ -33,8 +34,12 @@ class TcpProxy:
 
         tg.start_soon(serve)
 
-    def dsn(self, database: str, user: str = "postgres") -> str:
-        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+    def route(self, dsn: str) -> str:
+        """``dsn`` (user, password, database kept) going through this proxy."""
+        parts = urlsplit(dsn)
+        credentials = parts.netloc.rpartition("@")[0]
+        netloc = f"{credentials}@127.0.0.1:{self.port}" if credentials else f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def cut(self) -> None:
         """Drop every live connection and refuse new ones."""

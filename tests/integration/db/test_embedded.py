@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import stat
 from pathlib import Path
 
 import anyio
@@ -10,7 +12,7 @@ import asyncpg
 import pytest
 
 from config.settings import DatabaseSettings, Secret
-from db.embedded import EmbeddedServer, database
+from db.embedded import EmbeddedError, EmbeddedServer, database, keep_alive, open_database
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -60,3 +62,93 @@ async def test_embedded_lifecycle(tmp_path: Path) -> None:
             finally:
                 await conn.close()
         assert not orphan.is_running()
+
+
+async def test_password_is_required_and_kept_in_a_private_file(tmp_path: Path) -> None:
+    settings = DatabaseSettings(embedded_dir=tmp_path / "pg", name="portfolio_engine")
+    with anyio.fail_after(50):
+        async with open_database(settings) as db:
+            assert db.server is not None
+            pgpass = tmp_path / "pg.pgpass"
+            assert stat.S_IMODE(pgpass.stat().st_mode) == 0o600
+            password = db.server.password
+            assert password in pgpass.read_text()
+            assert password not in str(db.describe())
+            assert db.describe() == {
+                "host": "127.0.0.1",
+                "port": db.server.port,
+                "name": "portfolio_engine",
+                "embedded": True,
+            }
+            conn = await asyncpg.connect(db.dsn)
+            await conn.close()
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await asyncpg.connect(db.server.dsn_without_password("portfolio_engine"))
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await asyncpg.connect(
+                    db.server.dsn_without_password().replace("postgres@", "postgres:wrong@")
+                )
+            assert not db.server.trusts_local_connections()
+
+
+async def test_a_data_directory_that_trusted_local_connections_is_migrated(tmp_path: Path) -> None:
+    """A data directory from before passwords (``--auth=trust``, no password file) gets one."""
+    pgdata = tmp_path / "pg"
+    old = EmbeddedServer(pgdata)
+    await anyio.to_thread.run_sync(old._prepare_dirs)
+    (pgdata / "log").rmdir()
+    old._run("initdb", ["-D", str(pgdata), "-U", "postgres", "--auth=trust", "--locale=C", "--no-sync"], 120)
+    (pgdata / "log").mkdir()
+    await anyio.to_thread.run_sync(old._prepare_dirs)
+    assert old.trusts_local_connections()
+    assert not old.password_file.exists()
+
+    settings = DatabaseSettings(embedded_dir=pgdata, name="portfolio_engine")
+    with anyio.fail_after(50):
+        async with open_database(settings) as db:
+            assert db.server is not None
+            assert not db.server.trusts_local_connections()
+            conn = await asyncpg.connect(db.dsn)
+            await conn.close()
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await asyncpg.connect(db.server.dsn_without_password("portfolio_engine"))
+        # ...and stays migrated across restarts.
+        async with open_database(settings) as db:
+            conn = await asyncpg.connect(db.dsn)
+            await conn.close()
+
+
+async def test_a_missing_password_file_for_a_protected_directory_is_a_clear_error(tmp_path: Path) -> None:
+    settings = DatabaseSettings(embedded_dir=tmp_path / "pg")
+    with anyio.fail_after(50):
+        async with open_database(settings):
+            pass
+    (tmp_path / "pg.pgpass").unlink()
+    with pytest.raises(EmbeddedError, match="pg.pgpass is missing"):
+        async with open_database(settings):
+            pass
+
+
+async def test_keep_alive_restarts_a_killed_server_on_the_same_port(tmp_path: Path) -> None:
+    settings = DatabaseSettings(embedded_dir=tmp_path / "pg", name="portfolio_engine")
+    events: list[str] = []
+    restarted = anyio.Event()
+
+    def on_event(name: str, fields: dict[str, object]) -> None:
+        events.append(name)
+        if name == "embedded_db_restarted":
+            restarted.set()
+
+    with anyio.fail_after(60):
+        async with open_database(settings) as db, anyio.create_task_group() as tg:
+            assert db.server is not None
+            tg.start_soon(lambda: keep_alive(db.server, interval_s=0.1, on_event=on_event))  # type: ignore[arg-type]
+            pid = int((db.server.pgdata / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+            await restarted.wait()
+            conn = await asyncpg.connect(db.dsn)  # the same DSN works again
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+            tg.cancel_scope.cancel()
+    assert events[:1] == ["embedded_db_down"]
+    assert "embedded_db_restarted" in events

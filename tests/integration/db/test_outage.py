@@ -46,7 +46,7 @@ async def test_connection_cut_mid_stream(pg: PgTarget, dsn: str, db_settings: Da
         async with anyio.create_task_group() as tg:
             proxy = TcpProxy(*pg.host_port)
             await proxy.start(tg)
-            harness = WriterHarness(settings, proxy.dsn(db_name(dsn)), kwargs=FAST_RECONNECT)
+            harness = WriterHarness(settings, proxy.route(dsn), kwargs=FAST_RECONNECT)
             await tg.start(harness.run)
             i = 0
             async with harness.send:
@@ -177,7 +177,7 @@ async def test_start_with_database_down_then_recovery(
             proxy = TcpProxy(*pg.host_port)
             await proxy.start(tg)
             proxy.cut()
-            harness = WriterHarness(db_settings, proxy.dsn(db_name(dsn)), kwargs=FAST_RECONNECT)
+            harness = WriterHarness(db_settings, proxy.route(dsn), kwargs=FAST_RECONNECT)
             await tg.start(harness.run)  # starts even though the database is unreachable
             assert harness.status["db"] == "down"
             assert harness.status["state"] == "spooling"
@@ -200,7 +200,7 @@ async def test_spool_survives_a_restart(pg: PgTarget, dsn: str, db_settings: Dat
             proxy = TcpProxy(*pg.host_port)
             await proxy.start(tg)
             proxy.cut()
-            first = WriterHarness(db_settings, proxy.dsn(db_name(dsn)), kwargs=FAST_RECONNECT)
+            first = WriterHarness(db_settings, proxy.route(dsn), kwargs=FAST_RECONNECT)
             await tg.start(first.run)
             async with first.send:
                 for k in range(10):
@@ -232,7 +232,7 @@ async def test_cancellation_spools_what_it_cannot_commit(
             proxy = TcpProxy(*pg.host_port)
             await proxy.start(tg)
             proxy.cut()
-            harness = WriterHarness(db_settings, proxy.dsn(db_name(dsn)), kwargs=FAST_RECONNECT)
+            harness = WriterHarness(db_settings, proxy.route(dsn), kwargs=FAST_RECONNECT)
             await tg.start(harness.run)
             await harness.send.send([snapshot(j) for j in range(25)])
             await harness.wait_for(lambda s: s["buffer_rows"] == 25)
@@ -251,7 +251,7 @@ async def test_full_spool_drops_the_oldest_loudly(
             proxy = TcpProxy(*pg.host_port)
             await proxy.start(tg)
             proxy.cut()
-            harness = WriterHarness(settings, proxy.dsn(db_name(dsn)), kwargs=FAST_RECONNECT)
+            harness = WriterHarness(settings, proxy.route(dsn), kwargs=FAST_RECONNECT)
             await tg.start(harness.run)
             async with harness.send:
                 for k in range(5):

@@ -18,7 +18,7 @@ from supervisor.errors import FatalError
 from .conftest import PgTarget
 from .helpers import WriterHarness, count, snapshot
 from .proxy import TcpProxy
-from .test_outage import FAST_RECONNECT, assert_exactly_once, db_name
+from .test_outage import FAST_RECONNECT, assert_exactly_once
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -140,7 +140,7 @@ async def test_database_dying_on_the_last_batch_before_shutdown(
             proxy = TcpProxy(*pg.host_port)
             await proxy.start(tg)
             harness = WriterHarness(
-                db_settings, proxy.dsn(db_name(dsn)), kwargs={**FAST_RECONNECT, "shutdown_budget_s": 2.0}
+                db_settings, proxy.route(dsn), kwargs={**FAST_RECONNECT, "shutdown_budget_s": 2.0}
             )
 
             async def die_on_second(conn: asyncpg.Connection) -> None:

@@ -1,79 +1,141 @@
-"""The normalizer loop on asyncio and trio: per-batch forwarding and the shutdown drain."""
+"""The normalizer actor on asyncio and trio with real memory channels: events in, one rows batch per
+flush out, the shutdown drain, conflation under a full channel, portfolio in the status file."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from datetime import date
 
 import anyio
 import pytest
 from anyio.abc import TaskStatus
 
 from actors.normalizer import make_normalizer
-from normalize.model import GreeksSnapshot
+from normalize.book import Book
+from normalize.events import InstrumentUpdate, PositionsSnapshot, RowsBatch
+from normalize.model import AssetClass, Right, UnifiedPosition
 from supervisor.context import ActorContext
 from supervisor.spec import ActorSpec, ChannelSpec
-from supervisor.status import StatusRegistry
+from supervisor.status import StatusRegistry, render_status
 from supervisor.supervisor import Supervisor
 
 pytestmark = pytest.mark.anyio
 
-
-def row(i: int) -> GreeksSnapshot:
-    return GreeksSnapshot(
-        broker="ibkr",
-        account="U1",
-        instrument="SPY",
-        underlying="SPY",
-        asset_class="STK",
-        right=None,
-        strike=None,
-        expiry=None,
-        multiplier=1.0,
-        quantity=10.0,
-        event_ts=float(i),
-        received_ts=float(i),
-        seq=i,
+KEYS = ("SPY   261218C00500000", "SPY   261218P00480000")
+POSITIONS = tuple(
+    UnifiedPosition(
+        "ibkr",
+        "U1",
+        k,
+        "SPY",
+        AssetClass.OPTION,
+        Right(k[12]),
+        int(k[13:]) / 1000,
+        date(2026, 12, 18),
+        100.0,
+        q,
+        None,
     )
+    for k, q in zip(KEYS, (2.0, -1.0), strict=True)
+)
+SNAPSHOT = PositionsSnapshot("ibkr", ("U1",), POSITIONS, 0.0)
+GREEKS = {"delta": 0.5, "gamma": 0.01, "theta": -0.1, "vega": 0.2}
 
 
-async def test_normalizer_merges_queued_batches_and_drains_on_stop() -> None:
-    """Everything queued on `raw` goes out as few `rows` batches, and nothing is lost at shutdown."""
-    seen_batches: list[int] = []
-    calls: list[int] = []
-    out_batches: list[list[GreeksSnapshot]] = []
+def update(key: str, seq: int) -> InstrumentUpdate:
+    return InstrumentUpdate("ibkr", key, float(seq), float(seq), seq, {"bid": 1.0, "ask": 1.2, **GREEKS})
+
+
+async def run_tree(
+    specs: list[ActorSpec], registry: StatusRegistry, rows_capacity: int, until: anyio.Event
+) -> None:
+    sup = Supervisor(specs, [ChannelSpec("raw", 64), ChannelSpec("rows", rows_capacity)], registry)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.run)
+        with anyio.fail_after(5):
+            await until.wait()
+        sup.request_stop()
+
+
+async def test_events_become_rows_in_few_batches_and_nothing_is_lost_at_shutdown() -> None:
     produced = anyio.Event()
-
-    def normalize(items: Sequence[Any]) -> list[GreeksSnapshot]:
-        calls.append(len(items))
-        return [r for batch in items for r in batch]
+    out: list[RowsBatch] = []
 
     async def producer(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
         task_status.started()
-        for b in range(50):
-            await ctx.senders["raw"].send([row(b * 3 + k) for k in range(3)])
-            seen_batches.append(b)
+        await ctx.senders["raw"].send([SNAPSHOT])
+        for b in range(50):  # one frame = one list of events
+            await ctx.senders["raw"].send([update(KEYS[0], 2 * b), update(KEYS[1], 2 * b + 1)])
         produced.set()
         await anyio.sleep_forever()
 
     async def sink(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
         task_status.started()
-        out_batches.extend([batch async for batch in ctx.receivers["rows"]])
+        out.extend([batch async for batch in ctx.receivers["rows"]])
 
+    registry = StatusRegistry(mode="simulated", clock=lambda: 0.0)
     specs = [
         ActorSpec("sink", sink, inputs=("rows",)),
-        ActorSpec("normalizer", make_normalizer(normalize), inputs=("raw",), outputs=("rows",)),
+        ActorSpec("normalizer", make_normalizer(), inputs=("raw",), outputs=("rows",)),
         ActorSpec("producer", producer, outputs=("raw",)),
     ]
+    await run_tree(specs, registry, 64, produced)
+    rows = [r for batch in out for r in batch.rows]
+    assert [r.seq for r in rows] == list(range(100))
+    assert {r.instrument: r.pos_delta for r in rows} == {KEYS[0]: 100.0, KEYS[1]: -50.0}
+    assert [p for batch in out for p in batch.positions] == [SNAPSHOT]
+    assert len(out) < 100  # batches, not one send per tick
+    assert registry.actors["normalizer"].events_total == 100
+    doc = render_status(registry, 0.0)
+    assert doc["actors"]["normalizer"]["conflated_total"] == 0
+    assert doc["actors"]["normalizer"]["positions"] == 2
+    assert doc["portfolio"]["total"]["delta"] == pytest.approx(50.0)
+    assert doc["portfolio"]["by_underlying"]["SPY"]["positions"] == 2
+
+
+async def test_a_full_rows_channel_conflates_newest_per_position_and_never_blocks_the_broker() -> None:
+    book = Book()
+    sent_all = anyio.Event()
+    release = anyio.Event()
+    received: list[RowsBatch] = []
+    done = anyio.Event()
+    n = 400
+
+    async def producer(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        await ctx.senders["raw"].send([SNAPSHOT])
+        for i in range(n):  # far more frames than the rows channel holds
+            await ctx.senders["raw"].send([update(KEYS[i % 2], i)])
+            await anyio.lowlevel.checkpoint()
+        # Reaching here means the broker was never blocked: with nothing read from `rows` (capacity
+        # 1), a normalizer waiting on it would have let `raw` (capacity 64) fill up and stop us.
+        sent_all.set()
+        await anyio.sleep_forever()
+
+    async def slow_sink(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        await release.wait()  # the database is "slow": nothing is read until released
+        async for batch in ctx.receivers["rows"]:
+            received.append(batch)
+            if any(r.seq == n - 1 for r in batch.rows):
+                done.set()
+
+    async def driver() -> None:
+        await sent_all.wait()
+        release.set()
+
     registry = StatusRegistry(mode="simulated", clock=lambda: 0.0)
-    sup = Supervisor(specs, [ChannelSpec("raw", 64), ChannelSpec("rows", 64)], registry)
+    specs = [
+        ActorSpec("sink", slow_sink, inputs=("rows",)),
+        ActorSpec("normalizer", make_normalizer(book=book), inputs=("raw",), outputs=("rows",)),
+        ActorSpec("producer", producer, outputs=("raw",)),
+    ]
     async with anyio.create_task_group() as tg:
-        tg.start_soon(sup.run)
-        with anyio.fail_after(5):
-            await produced.wait()
-        sup.request_stop()
-    rows = [r.seq for batch in out_batches for r in batch]
-    assert rows == list(range(150))
-    assert sum(calls) == 50
-    assert registry.actors["normalizer"].events_total == 150
-    assert all(n >= 1 for n in calls)
+        tg.start_soon(driver)
+        await run_tree(specs, registry, 1, done)
+    rows = [r for batch in received for r in batch.rows]
+    seqs = [r.seq for r in rows]
+    assert len(seqs) == len(set(seqs))  # no row twice
+    conflated = registry.actors["normalizer"].info["conflated_total"]
+    assert conflated > 0
+    assert len(rows) + conflated == n  # every row was either sent or counted
+    assert {n - 2, n - 1} <= set(seqs)  # the newest row of each position was kept

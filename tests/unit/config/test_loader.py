@@ -86,6 +86,7 @@ BAD_VALUES = [
     ("TT_AGGREGATION_S", "-0.1", "TT_AGGREGATION_S (got '-0.1'): expected a number >= 0 and <= 10"),
     ("TT_POSITIONS_REFRESH_S", "0", "TT_POSITIONS_REFRESH_S (got '0'): expected a number > 0"),
     ("TT_HANDSHAKE_TIMEOUT_S", "nan", "TT_HANDSHAKE_TIMEOUT_S (got 'nan'): expected a number > 0"),
+    ("RISK_FREE_RATE", "4%", "RISK_FREE_RATE (got '4%'): expected a number >= -0.2 and <= 1"),
     ("SIM_SEED", "abc", "SIM_SEED (got 'abc'): expected an integer >= 0"),
     ("SIM_RATE_HZ", "5000", "SIM_RATE_HZ (got '5000'): expected a number > 0 and <= 1000"),
     ("SIM_POSITIONS", "-3", "SIM_POSITIONS (got '-3'): expected an integer >= 0"),

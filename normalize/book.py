@@ -1,0 +1,416 @@
+"""The normalizer's book: broker-neutral events in, position-aligned ``GreeksSnapshot`` rows out.
+
+Rules: pure (h11-style). No I/O, no clock, no anyio: :meth:`Book.apply` takes events, returns
+what to write. All state lives here: positions per broker account, the latest merged fields per
+(broker, instrument), and who holds each instrument.
+
+What :meth:`Book.apply` does with each event:
+
+- :class:`~normalize.events.PositionsSnapshot`: replaces the positions of the accounts it covers
+  (a position missing from it, or with quantity 0, is closed: it produces no more rows and leaves
+  the portfolio). Passed on to the writer for the ``positions`` table.
+- :class:`~normalize.events.InstrumentUpdate`: merged into that instrument's state (an absent field
+  keeps its value, ``None`` clears it), then **one row per position holding the instrument** at that
+  broker (the same contract in two accounts, or long here and short there, gives two rows). Every
+  update becomes its own row(s): history keeps every tick. An update for an instrument nobody holds
+  (an underlying subscribed for its price) only updates the state.
+- :class:`~normalize.events.SessionStarted` / :class:`~normalize.events.SessionEnded`: passed on.
+
+Derived values (the same rule whatever the broker):
+
+- ``mark``: the mid of bid and ask when both are present (and ask >= bid), else the broker's mark,
+  else the last price.
+- ``underlying_price``: the update's own, else the latest price of the underlying instrument at
+  the same broker (its mark, or the mid, or its last). A stock's underlying price is its own price.
+- Greeks: the broker's when it sent all of delta, gamma, theta and vega (``greeks_source`` =
+  ``broker``). Otherwise the missing ones are computed with Black-Scholes-Merton
+  (:mod:`normalize.bsm`) from the mark, the underlying price, the time to expiry
+  (:func:`expiry_close_ts`), the broker's IV if present else the IV implied by the mark,
+  ``risk_free_rate`` and zero dividend yield; the broker's values are kept where present and the
+  row says ``model``. No underlying price, no price, or an expired option: no model values (and
+  ``greeks_source`` is ``None`` when no Greek is known at all). A stock has delta 1 per share, other
+  Greeks ``None``, source ``model``.
+- Exposures: ``pos_x = x * quantity * multiplier`` (quantity signed); dollar delta (portfolio) =
+  ``pos_delta * underlying_price``.
+
+A malformed event (a mapper bug, a non-number value) is counted in :attr:`Book.bad_events` and
+skipped, never raised: one bad tick must not take the book down.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, NamedTuple
+
+from normalize import bsm
+from normalize.events import (
+    InstrumentUpdate,
+    PositionsSnapshot,
+    RowsBatch,
+    SessionEnded,
+    SessionEvent,
+    SessionStarted,
+)
+from normalize.model import AssetClass, GreeksSnapshot, GreeksSource, UnifiedPosition
+
+SECONDS_PER_YEAR = 365.0 * 86400.0
+MODEL = GreeksSource.MODEL.value
+BROKER = GreeksSource.BROKER.value
+_new_row = tuple.__new__
+_STOCK_LIKE = frozenset({AssetClass.STOCK.value, "IND", "ETF", "CASH"})
+
+
+def _nth_weekday(year: int, month: int, weekday: int, n: int) -> date:
+    first = date(year, month, 1)
+    return first + timedelta(days=(weekday - first.weekday()) % 7 + 7 * (n - 1))
+
+
+def new_york_utc_offset_hours(day: date) -> int:
+    """-4 while US daylight saving time is in force on ``day`` (second Sunday of March to first
+    Sunday of November), else -5. Pure: no time-zone database needed."""
+    start = _nth_weekday(day.year, 3, 6, 2)
+    end = _nth_weekday(day.year, 11, 6, 1)
+    return -4 if start <= day < end else -5
+
+
+def expiry_close_ts(expiry: date) -> float:
+    """The instant an option expiring on ``expiry`` stops trading, for the model's time to expiry:
+    16:00 New York time on the expiry date (20:00 or 21:00 UTC), as POSIX seconds. AM-settled
+    contracts (SPX monthlies) are treated the same; the model is a fallback, not a settlement."""
+    offset = new_york_utc_offset_hours(expiry)
+    close = datetime(expiry.year, expiry.month, expiry.day, 16, tzinfo=UTC) - timedelta(hours=offset)
+    return close.timestamp()
+
+
+@dataclass(slots=True)
+class _Holder:
+    """One open position as the fan-out sees it: the row prefix and the exposure factor."""
+
+    position: UnifiedPosition
+    prefix: tuple[Any, ...]  # GreeksSnapshot fields broker .. quantity
+    factor: float  # quantity x multiplier
+
+
+@dataclass(slots=True)
+class _Contract:
+    """What the model and the derivations need about an instrument (from its positions)."""
+
+    underlying: str
+    asset_class: str
+    is_call: bool
+    strike: float | None
+    expiry_ts: float | None
+
+
+class _Derived(NamedTuple):
+    """The last derived values of an instrument, for the portfolio (a tuple: built per update)."""
+
+    event_ts: float
+    mark: float | None
+    underlying_price: float | None
+    iv: float | None
+    delta: float | None
+    gamma: float | None
+    theta: float | None
+    vega: float | None
+    rho: float | None
+    source: str | None
+
+
+@dataclass(slots=True)
+class BookOutput:
+    """What one :meth:`Book.apply` produced: rows, positions snapshots, session events."""
+
+    rows: list[GreeksSnapshot] = field(default_factory=list)
+    positions: list[PositionsSnapshot] = field(default_factory=list)
+    sessions: list[SessionEvent] = field(default_factory=list)
+    model_rows: int = 0  # rows whose Greeks the model filled in
+
+    def batch(self) -> RowsBatch:
+        return RowsBatch(self.rows, tuple(self.positions), tuple(self.sessions))
+
+
+class Book:
+    """See the module docstring. ``risk_free_rate`` is a fraction (0.04 = 4 %)."""
+
+    def __init__(self, *, risk_free_rate: float = 0.04) -> None:
+        self.rate = risk_free_rate
+        # (broker, account) -> instrument -> position
+        self._accounts: dict[tuple[str, str], dict[str, UnifiedPosition]] = {}
+        # (broker, instrument) -> holders (positions with a non-zero quantity)
+        self._holders: dict[tuple[str, str], list[_Holder]] = {}
+        self._contracts: dict[tuple[str, str], _Contract] = {}
+        self._state: dict[tuple[str, str], dict[str, float | None]] = {}
+        self._derived: dict[tuple[str, str], _Derived] = {}
+        self.bad_events = 0
+        self.last_bad_event: str | None = None
+        self.updates_total = 0
+        self.rows_total = 0
+        self.model_rows_total = 0
+
+    # ------------------------------------------------------------------------------ events
+
+    def apply(self, events: Iterable[Any]) -> BookOutput:
+        """Apply events in order; return the rows and pass-through events they produced."""
+        out = BookOutput()
+        rows = out.rows
+        for event in events:
+            try:
+                if type(event) is InstrumentUpdate:
+                    self._update(event, rows, out)
+                elif isinstance(event, PositionsSnapshot):
+                    self._positions(event)
+                    out.positions.append(event)
+                elif isinstance(event, SessionStarted | SessionEnded):
+                    out.sessions.append(event)
+                else:
+                    raise TypeError(f"not a broker event: {type(event).__name__}")
+            except (TypeError, ValueError, ArithmeticError, KeyError, AttributeError) as exc:
+                self.bad_events += 1
+                self.last_bad_event = f"{type(exc).__name__}: {exc}"[:200]
+                if type(event) is InstrumentUpdate:
+                    self._sanitize((event.broker, event.instrument))
+        self.rows_total += len(rows)
+        self.model_rows_total += out.model_rows
+        return out
+
+    def _positions(self, snap: PositionsSnapshot) -> None:
+        broker = snap.broker
+        accounts = set(snap.accounts) | {p.account for p in snap.positions}
+        touched: set[str] = set()
+        for account in accounts:
+            old = self._accounts.pop((broker, account), {})
+            touched.update(old)
+        for p in snap.positions:
+            if p.broker != broker:
+                raise ValueError(f"position of broker {p.broker!r} in a {broker!r} snapshot")
+            if p.quantity == 0 or not math.isfinite(p.quantity) or not math.isfinite(p.multiplier):
+                continue
+            self._accounts.setdefault((broker, p.account), {})[p.instrument] = p
+            touched.add(p.instrument)
+        for instrument in touched:
+            self._rebuild(broker, instrument)
+
+    def _rebuild(self, broker: str, instrument: str) -> None:
+        holders: list[_Holder] = []
+        for (b, _account), positions in self._accounts.items():
+            if b != broker:
+                continue
+            p = positions.get(instrument)
+            if p is None:
+                continue
+            multiplier = p.multiplier or 1.0
+            prefix = (
+                p.broker,
+                p.account,
+                p.instrument,
+                p.underlying,
+                str(p.asset_class),
+                None if p.right is None else str(p.right),
+                p.strike,
+                p.expiry,
+                multiplier,
+                p.quantity,
+            )
+            holders.append(_Holder(p, prefix, p.quantity * multiplier))
+        key = (broker, instrument)
+        if holders:
+            self._holders[key] = holders
+            p = holders[0].position
+            self._contracts[key] = _Contract(
+                underlying=p.underlying,
+                asset_class=str(p.asset_class),
+                is_call=str(p.right) == "C",
+                strike=p.strike,
+                expiry_ts=None if p.expiry is None else expiry_close_ts(p.expiry),
+            )
+        else:
+            self._holders.pop(key, None)
+            self._contracts.pop(key, None)
+
+    def _update(self, u: InstrumentUpdate, rows: list[GreeksSnapshot], out: BookOutput) -> None:
+        key = (u.broker, u.instrument)
+        state = self._state.get(key)
+        if state is None:
+            state = self._state[key] = {}
+        state.update(u.values)
+        self.updates_total += 1
+        holders = self._holders.get(key)
+        if holders is None:
+            return
+        get = state.get
+        bid = get("bid")
+        ask = get("ask")
+        last = get("last")
+        if bid is not None and ask is not None and ask >= bid:
+            mark: float | None = (bid + ask) * 0.5
+        else:
+            mark = get("mark")
+            if mark is None:
+                mark = last
+        und = get("underlying_price")
+        contract = self._contracts[key]
+        if und is None:
+            if contract.asset_class in _STOCK_LIKE:
+                und = mark
+            else:
+                und = self._price_of(u.broker, contract.underlying)
+        iv = get("iv")
+        delta = get("delta")
+        gamma = get("gamma")
+        theta = get("theta")
+        vega = get("vega")
+        rho = get("rho")
+        if delta is not None and gamma is not None and theta is not None and vega is not None:
+            source: str | None = BROKER
+        elif contract.asset_class in _STOCK_LIKE:
+            delta, source = 1.0, MODEL
+        else:
+            model = self._model(contract, u.event_ts, mark, und, iv)
+            if model is None:
+                source = BROKER if delta is not None or gamma is not None else None
+            else:
+                m_iv, g = model
+                if iv is None:
+                    iv = m_iv
+                if delta is None:
+                    delta = g.delta
+                if gamma is None:
+                    gamma = g.gamma
+                if theta is None:
+                    theta = g.theta
+                if vega is None:
+                    vega = g.vega
+                if rho is None:
+                    rho = g.rho
+                source = MODEL
+                out.model_rows += len(holders)
+        self._derived[key] = _new_row(
+            _Derived, (u.event_ts, mark, und, iv, delta, gamma, theta, vega, rho, source)
+        )
+        tail = (u.event_ts, u.received_ts, bid, ask, last, mark, und, iv, delta, gamma, theta, vega, rho)
+        seq = u.seq
+        for h in holders:
+            f = h.factor
+            rows.append(
+                _new_row(
+                    GreeksSnapshot,
+                    h.prefix
+                    + tail
+                    + (
+                        None if delta is None else delta * f,
+                        None if gamma is None else gamma * f,
+                        None if theta is None else theta * f,
+                        None if vega is None else vega * f,
+                        seq,
+                        source,
+                    ),
+                )
+            )
+
+    def _sanitize(self, key: tuple[str, str]) -> None:
+        """Drop state values that are not finite numbers (after a bad update), so that one bad
+        value cannot poison every later update of the instrument."""
+        state = self._state.get(key)
+        if state is not None:
+            for name, value in list(state.items()):
+                if value is not None and not (
+                    isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+                ):
+                    del state[name]
+
+    def _price_of(self, broker: str, instrument: str) -> float | None:
+        state = self._state.get((broker, instrument))
+        if state is None:
+            return None
+        get = state.get
+        bid, ask = get("bid"), get("ask")
+        if bid is not None and ask is not None and ask >= bid > 0:
+            return (bid + ask) * 0.5
+        mark = get("mark")
+        return mark if mark is not None else get("last")
+
+    def _model(
+        self, c: _Contract, now: float, mark: float | None, und: float | None, iv: float | None
+    ) -> tuple[float, bsm.BsmGreeks] | None:
+        """(IV, Greeks) of the model, or None when it cannot say (see the module docstring)."""
+        if c.expiry_ts is None or c.strike is None or und is None or not und > 0 or not c.strike > 0:
+            return None
+        t = (c.expiry_ts - now) / SECONDS_PER_YEAR
+        if not t > 0:
+            return None
+        vol = iv
+        if vol is None or not vol > 0:
+            if mark is None or not mark > 0:
+                return None
+            vol = bsm.implied_volatility(
+                mark, is_call=c.is_call, spot=und, strike=c.strike, t=t, rate=self.rate, tol=1e-8
+            )
+            if vol is None:
+                return None
+        g = bsm.greeks(is_call=c.is_call, spot=und, strike=c.strike, t=t, vol=vol, rate=self.rate)
+        return vol, g
+
+    # ----------------------------------------------------------------------------- queries
+
+    def positions(self) -> list[UnifiedPosition]:
+        """Every open position (non-zero quantity), all brokers."""
+        return [p for positions in self._accounts.values() for p in positions.values()]
+
+    def portfolio(self) -> dict[str, Any]:
+        """Portfolio Greeks from the latest state of every open position, per underlying and in
+        total, across brokers: ``{"as_of", "total", "by_underlying", "positions_without_data"}``.
+        Totals are position exposures (see the module docstring); ``as_of`` is the newest event
+        time that went into them (POSIX seconds, or None)."""
+        sums: dict[str, list[float]] = {}
+        as_of: float | None = None
+        missing = 0
+        for key, holders in self._holders.items():
+            d = self._derived.get(key)
+            if d is None:
+                missing += len(holders)
+                continue
+            if as_of is None or d.event_ts > as_of:
+                as_of = d.event_ts
+            for h in holders:
+                s = sums.get(h.position.underlying)
+                if s is None:
+                    s = sums[h.position.underlying] = [0.0] * 6
+                f = h.factor
+                s[0] += 1
+                if d.delta is not None:
+                    s[1] += d.delta * f
+                    if d.underlying_price is not None:
+                        s[2] += d.delta * f * d.underlying_price
+                if d.gamma is not None:
+                    s[3] += d.gamma * f
+                if d.theta is not None:
+                    s[4] += d.theta * f
+                if d.vega is not None:
+                    s[5] += d.vega * f
+        by_underlying = {u: _exposure(s) for u, s in sorted(sums.items())}
+        total = [0.0] * 6
+        for s in sums.values():
+            for i, v in enumerate(s):
+                total[i] += v
+        return {
+            "as_of": as_of,
+            "total": _exposure(total),
+            "by_underlying": by_underlying,
+            "positions_without_data": missing,
+        }
+
+
+def _exposure(s: list[float]) -> dict[str, float | int]:
+    """Summed position Greeks (per-contract value x quantity x multiplier)."""
+    return {
+        "positions": int(s[0]),
+        "delta": s[1],
+        "dollar_delta": s[2],
+        "gamma": s[3],
+        "theta": s[4],
+        "vega": s[5],
+    }
