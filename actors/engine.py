@@ -40,8 +40,6 @@ def live_unavailable(settings: Settings) -> str | None:
     """The setting that asks for live streaming this version cannot do yet, if any."""
     if "ibkr" in settings.brokers and settings.broker_mode("ibkr") == "live":
         return "IBKR_GATEWAY_URL"
-    if "tastytrade" in settings.brokers and settings.broker_mode("tastytrade") == "live":
-        return "TT_CLIENT_SECRET"
     return None
 
 
@@ -191,7 +189,12 @@ async def run_engine(settings: Settings) -> int:
 def _broker_run(broker: str, settings: Settings, mode: str, market: Any) -> RunFn:
     """The actor of one broker. ``settings`` already point a simulated broker at its simulator.
 
-    The demo feeds stand in until each broker's wire-protocol actor lands."""
+    Tastytrade: the real actor (SDK REST + DXLink), live or against the simulator. The demo feed
+    stands in for IBKR until its wire-protocol actor lands."""
+    if broker == "tastytrade":
+        from actors.tastytrade import make_tastytrade_actor
+
+        return make_tastytrade_actor(settings.tastytrade, mode=mode)
     from actors.demo import make_demo_feed
 
     return make_demo_feed(broker, market, settings.sim.rate_hz)

@@ -521,6 +521,8 @@ class Market:
         seq = first.seq
         rest = [replace(first, seq=seq + i) for i in range(1, count)]
         self._ledger[(broker, key)] = seq + count - 1
+        if self.config.record_times and rest:
+            self._times[(broker, key)].extend([now] * len(rest))
         return [first, *rest]
 
     def set_positions(self, broker: str, positions: list[SimPosition]) -> None:

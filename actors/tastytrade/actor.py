@@ -311,7 +311,7 @@ class _Attempt:
 
     async def _read(self, conn: _Connection) -> _Outcome:
         proto, clock, mono = conn.proto, self.clock, anyio.current_time
-        counters, out, ctx = self.counters, self.out, self.ctx
+        counters, ctx = self.counters, self.ctx
         try:
             await self._flush(conn)  # SETUP
             async for message in conn.ws:
@@ -320,17 +320,17 @@ class _Attempt:
                 proto.receive_text(message, mono())
                 batch: list[BrokerEvent] = []
                 ended, updates = self._handle(conn, proto.events_received(), received, batch)
-                await self._flush(conn)
-                if batch:
-                    self.reading_blocked = True
-                    await out.send(batch)
-                    self.reading_blocked = False
-                    if conn.started and self.task_status is not None:
-                        self.task_status.started()
-                        self.task_status = None
-                    if updates:
-                        conn.updates += updates  # counted once on the channel
-                        ctx.record_events(updates)
+                try:
+                    await self._flush(conn)  # before SessionStarted: it means "subscribed"
+                finally:  # even when the socket just closed: what was decoded is delivered
+                    if batch:
+                        await self._deliver(batch)
+                        if updates:
+                            conn.updates += updates  # counted once on the channel
+                            ctx.record_events(updates)
+                if conn.started and self.task_status is not None:
+                    self.task_status.started()
+                    self.task_status = None
                 if ended is not None:
                     return ended
         except ConnectionClosed as exc:
@@ -420,18 +420,37 @@ class _Attempt:
     async def _flush(self, conn: _Connection, *, quiet: bool = False) -> bool:
         """Send what the codec queued. With ``quiet``, a closed socket returns False instead of
         raising (the reader reports the close)."""
-        texts = conn.proto.data_to_send()
-        if not texts:
+        if not conn.proto.pending_output:
             return True
         try:
-            async with self.send_lock:
-                for text in texts:
+            async with self.send_lock:  # taken inside the lock: frames go out in codec order
+                for text in conn.proto.data_to_send():
                     await conn.ws.send(text)
         except ConnectionClosed:
             if not quiet:
                 raise
             return False
         return True
+
+    async def _deliver(self, batch: list[BrokerEvent]) -> None:
+        """One frame's events onto ``raw``. At once when there is room (no checkpoint, so a
+        cancellation cannot drop it); else wait (backpressure: the socket is not read meanwhile),
+        and if the connection or the actor is cancelled during that wait, keep trying for a
+        second, shielded, so what was decoded still reaches the normalizer."""
+        try:
+            self.out.send_nowait(batch)
+            return
+        except anyio.WouldBlock:
+            pass
+        self.reading_blocked = True
+        try:
+            await self.out.send(batch)
+        except anyio.get_cancelled_exc_class():
+            with anyio.move_on_after(1.0, shield=True):
+                await self.out.send(batch)
+            raise
+        finally:
+            self.reading_blocked = False
 
     # ----------------------------------------------------------------- status and sessions
 

@@ -595,6 +595,11 @@ class DxLinkProtocol:
         out, self._out = self._out, []
         return out
 
+    @property
+    def pending_output(self) -> bool:
+        """Whether :meth:`data_to_send` has something."""
+        return bool(self._out)
+
     def next_deadline(self) -> float:
         """When :meth:`on_timer` next has something to do (``inf`` once closed)."""
         if self.state is ConnectionState.CLOSED:

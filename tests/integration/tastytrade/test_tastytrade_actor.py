@@ -295,7 +295,7 @@ async def test_drop_reconnects(fault: Fault, reason: str) -> None:
         await started(h, sessions=2)
         assert h.of(SessionEnded)[0].reason == reason
         assert h.info["reconnects"] == 1
-        assert len(h.sim.subscribed_symbols()) == h.info["subscriptions"]
+        await h.sim_until(lambda: len(h.sim.subscribed_symbols()) == h.info["subscriptions"])
         before = len(h.updates())
         await h.until(lambda: len(h.updates()) > before + 50)
 

@@ -214,6 +214,6 @@ def test_simulate_overrides_live_credentials() -> None:
 
     creds = {"TT_CLIENT_SECRET": "s", "TT_REFRESH_TOKEN": "r", "IBKR_GATEWAY_URL": "https://localhost:5000"}
     assert live_unavailable(load_settings(creds)) == "IBKR_GATEWAY_URL"
-    assert live_unavailable(load_settings({**creds, "BROKERS": "tastytrade"})) == "TT_CLIENT_SECRET"
+    assert live_unavailable(load_settings({**creds, "BROKERS": "tastytrade"})) is None  # Tastytrade is live
     assert live_unavailable(load_settings({**creds, "SIMULATE": "true"})) is None
     assert load_settings({**creds, "SIMULATE": "true"}).mode == "simulated"

@@ -197,6 +197,11 @@ def test_ticks_same_values_consecutive_seqs() -> None:
     assert greeks.bid == quote.bid
     assert m.ledger("tastytrade") == {("tastytrade", key): 4}
     assert m.ticks("tastytrade", key, START + 2, 0) == []
+    timed = Market(MarketConfig(record_times=True, seq_offset=10), START)
+    timed.ticks("tastytrade", key, START + 1, 2)
+    timed.tick("tastytrade", key, START + 2)
+    assert timed.emissions("tastytrade")[("tastytrade", key)] == [START + 1, START + 1, START + 2]
+    assert timed.ledger("tastytrade") == {("tastytrade", key): 13}
 
 
 def test_set_positions_at_run_time() -> None:
