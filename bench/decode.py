@@ -11,6 +11,9 @@ again:
   ``Greeks.from_stream`` (pydantic models). This is the headline ratio.
 - ``frame``: the whole text frame -> events: ``DxLinkProtocol.receive_text`` (orjson, message
   dispatch, decode) vs ``json.loads`` + ``Greeks.from_stream`` (what the SDK's streamer does).
+- ``actor_path`` (engine only, for the record): the frame with the fields the actor really asks
+  for, decoded and mapped to ``InstrumentUpdate``s (:func:`normalize.tastytrade.map_feed`), i.e.
+  the actor's whole per-frame work before its one channel send.
 
 The runs of the two sides are interleaved ``--repeat`` times and the medians compared, so the
 ratio comes from the same minutes of a shared, noisy machine. Prints a table; writes
@@ -32,7 +35,16 @@ from typing import Any
 
 import orjson
 
-from actors.tastytrade.protocol import EVENT_FIELDS, DxLinkProtocol, FeedData, _Layout, decode_compact
+from actors.tastytrade.protocol import (
+    EVENT_FIELDS,
+    REQUESTED_FIELDS,
+    DxLinkProtocol,
+    FeedData,
+    _Layout,
+    decode_compact,
+)
+from normalize.events import InstrumentUpdate
+from normalize.tastytrade import map_feed
 from simulator.market import Market, MarketConfig
 from simulator.tastytrade import dx_index
 
@@ -108,6 +120,21 @@ def measure(events: int, repeat: int, seconds: float) -> dict[str, Any]:
         message = json.loads(text)
         return len(SdkGreeks.from_stream(message["data"][1]))
 
+    # the actor's own request: fewer fields, decoded then mapped
+    wanted = [SDK_GREEKS_FIELDS.index(f) for f in REQUESTED_FIELDS["Greeks"]]
+    lean = [values[b + i] for b in range(0, len(values), 13) for i in wanted]
+    lean_text = orjson.dumps({"type": "FEED_DATA", "channel": 1, "data": ["Greeks", lean]}).decode()
+    actor_proto = DxLinkProtocol(token="bench", subscriptions=[], now=0.0)
+    keys = {values[b]: f"KEY{b}" for b in range(0, len(values), 13)}
+
+    def engine_actor_path() -> int:
+        actor_proto.receive_text(lean_text, 0.0)
+        updates: list[InstrumentUpdate] = []
+        for data in actor_proto.events_received():
+            if isinstance(data, FeedData):
+                map_feed(data, keys, 1.0, updates.append)
+        return len(updates)
+
     # same results: every event decoded on both sides, equal values
     ours, _ = decode_compact(layout, values)
     theirs = SdkGreeks.from_stream(values)
@@ -119,12 +146,16 @@ def measure(events: int, repeat: int, seconds: float) -> dict[str, Any]:
     if not same:
         raise RuntimeError("the engine and the SDK decode the payload differently")
 
-    runs: dict[str, list[float]] = {k: [] for k in ("engine_core", "sdk_core", "engine_frame", "sdk_frame")}
+    if engine_actor_path() != events:
+        raise RuntimeError("the actor path lost events")
+    names = ("engine_core", "sdk_core", "engine_frame", "sdk_frame", "engine_actor_path")
+    runs: dict[str, list[float]] = {k: [] for k in names}
     fns = {
         "engine_core": engine_core,
         "sdk_core": sdk_core,
         "engine_frame": engine_frame,
         "sdk_frame": sdk_frame,
+        "engine_actor_path": engine_actor_path,
     }
     for _ in range(repeat):  # interleaved: both sides see the same machine load
         for name, fn in fns.items():
@@ -139,6 +170,7 @@ def measure(events: int, repeat: int, seconds: float) -> dict[str, Any]:
             "sdk_events_per_s": med["sdk_frame"],
             "ratio": med["engine_frame"] / med["sdk_frame"],
         },
+        "actor_path_events_per_s": med["engine_actor_path"],
         "events_per_message": events,
         "payload_bytes": len(text.encode()),
         "repeat": repeat,
@@ -184,6 +216,7 @@ def cli(argv: list[str] | None = None) -> None:
             f"{label:<24} {row['engine_events_per_s']:>16,.0f} {row['sdk_events_per_s']:>14,.0f} "
             f"{row['ratio']:>6.1f}x"
         )
+    print(f"{'actor: frame -> updates':<24} {result['actor_path_events_per_s']:>16,.0f} {'-':>14} {'-':>7}")
     print(
         f"{result['events_per_message']} events per message ({result['payload_bytes']:,} bytes), "
         f"medians of {args.repeat} interleaved runs"

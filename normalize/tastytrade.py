@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 BROKER = "tastytrade"
 _MAX_MS = 10**13  # event times past year 2286 are not times
 _MAX_SEQ = (1 << 63) - 1
+_new_update = tuple.__new__  # InstrumentUpdate from a tuple, without the NamedTuple's Python __new__
 
 #: DXLink field -> canonical update field, per event type
 VALUE_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -253,11 +254,31 @@ def subscription_plan(
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    value_keys: tuple[str, ...]
-    values: Any  # itemgetter -> tuple of the carried value fields
+    values: Callable[[Sequence[Any]], dict[str, Any]]  # event tuple -> the update's values
     event_time: int | None  # tuple index of eventTime, if carried
     times: tuple[int, ...]  # tuple indexes of the event's own time fields that are carried
     seq: int | None
+
+
+def _values_of(pairs: list[tuple[int, str]]) -> Callable[[Sequence[Any]], dict[str, Any]]:
+    """A function building an update's values from an event tuple. For the usual shapes (every
+    value field of the type carried) a dict display, three times faster than ``dict(zip(...))``."""
+    keys = tuple(key for _, key in pairs)
+    idx = [i for i, _ in pairs]
+    if keys == ("mark", "iv", "delta", "gamma", "theta", "vega", "rho"):
+        a, b, c, d, e, f, g = idx
+        return lambda ev: {
+            "mark": ev[a], "iv": ev[b], "delta": ev[c], "gamma": ev[d], "theta": ev[e], "vega": ev[f],
+            "rho": ev[g],
+        }  # fmt: skip
+    if keys == ("bid", "ask"):
+        a, b = idx
+        return lambda ev: {"bid": ev[a], "ask": ev[b]}
+    if keys == ("last",):
+        (a,) = idx
+        return lambda ev: {"last": ev[a]}
+    getter = itemgetter(*idx, idx[0]) if len(idx) == 1 else itemgetter(*idx)  # always a tuple
+    return lambda ev: dict(zip(keys, getter(ev), strict=False))
 
 
 @lru_cache(maxsize=64)
@@ -270,11 +291,8 @@ def _plan(event_type: str, fields: frozenset[str]) -> _Plan | None:
     carried = [(index[wire], key) for wire, key in pairs if wire in fields]
     if not carried:
         return None
-    positions = [i for i, _ in carried]
-    getter = itemgetter(*positions, positions[0]) if len(positions) == 1 else itemgetter(*positions)
     return _Plan(
-        value_keys=tuple(key for _, key in carried),
-        values=getter,  # (a single field is fetched twice so the getter still returns a tuple)
+        values=_values_of(carried),
         event_time=index["eventTime"] if "eventTime" in fields else None,
         times=tuple(index[f] for f in _TIME_FIELDS[event_type] if f in fields),
         seq=index["sequence"] if "sequence" in fields else None,
@@ -282,9 +300,8 @@ def _plan(event_type: str, fields: frozenset[str]) -> _Plan | None:
 
 
 def _seconds(ms: object) -> float | None:
-    if ms.__class__ is int or ms.__class__ is float:
-        if 0 < ms < _MAX_MS:
-            return ms / 1000.0
+    if (ms.__class__ is int or ms.__class__ is float) and 0 < ms < _MAX_MS:
+        return ms / 1000.0
     return None
 
 
@@ -297,6 +314,17 @@ def _seq(value: object) -> int | None:
     return None
 
 
+def _event_time(ev: Sequence[Any], plan: _Plan, received_ts: float) -> float:
+    """eventTime when non-zero, else the latest of the event's own times, else the receive time."""
+    ts = _seconds(ev[plan.event_time]) if plan.event_time is not None else None
+    if ts is None:
+        for i in plan.times:
+            t = _seconds(ev[i])
+            if t is not None and (ts is None or t > ts):
+                ts = t
+    return received_ts if ts is None else ts
+
+
 def map_feed(
     data: FeedData,
     symbols: Mapping[str, str],
@@ -305,32 +333,36 @@ def map_feed(
 ) -> int:
     """Pass one :class:`InstrumentUpdate` per event of ``data`` whose symbol is in ``symbols``
     (streamer symbol -> key) to ``append`` (a batch's ``list.append``); returns how many events
-    had a symbol not in it."""
+    had a symbol not in it.
+
+    The hot path: per event one dict lookup, one dict display for the values and a tuple;
+    the common shapes (Greeks with ``time``, Quote with ``bidTime``/``askTime``, an int
+    ``sequence``) are checked inline, anything else goes through the helpers above."""
     plan = _plan(data.event_type, data.fields)
     if plan is None:
         return 0
-    keys, getter = plan.value_keys, plan.values
-    et, times, seq_i = plan.event_time, plan.times, plan.seq
+    values = plan.values
+    seq_i = plan.seq
+    # the usual case: no eventTime (or 0) and exactly one own time field
+    single = plan.times[0] if len(plan.times) == 1 else None
+    lookup = symbols.get
+    new = _new_update
     unknown = 0
     for ev in data.events:
-        key = symbols.get(ev[0])
+        key = lookup(ev[0])
         if key is None:
             unknown += 1
             continue
-        ts = _seconds(ev[et]) if et is not None else None
-        if ts is None:
-            for i in times:
-                t = _seconds(ev[i])
-                if t is not None and (ts is None or t > ts):
-                    ts = t
-        append(
-            InstrumentUpdate(
-                BROKER,
-                key,
-                received_ts if ts is None else ts,
-                received_ts,
-                None if seq_i is None else _seq(ev[seq_i]),
-                dict(zip(keys, getter(ev), strict=False)),
-            )
-        )
+        ms = ev[single] if single is not None else None
+        if ms.__class__ is int and 0 < ms < _MAX_MS and (plan.event_time is None or ev[plan.event_time] == 0):
+            ts = ms / 1000.0
+        else:
+            ts = _event_time(ev, plan, received_ts)
+        if seq_i is None:
+            seq = None
+        else:
+            seq = ev[seq_i]
+            if seq.__class__ is not int or not 0 <= seq <= _MAX_SEQ:
+                seq = _seq(seq)
+        append(new(InstrumentUpdate, (BROKER, key, ts, received_ts, seq, values(ev))))
     return unknown

@@ -318,6 +318,7 @@ _STR_TYPE: Final = frozenset({str})
 _NUMBER_TYPES: Final = frozenset({int, float, type(None)})
 _SCALAR_TYPES: Final = frozenset({int, float, str, bool, type(None)})
 _new_tuple = tuple.__new__
+_PAD: Final[list[None]] = [None]  # appended to a row: the slot absent fields read
 
 
 class _Layout:
@@ -410,16 +411,20 @@ def decode_compact(layout: _Layout, values: list[Any]) -> tuple[list[Any], int]:
     width = layout.width
     cls = layout.cls
     suspects = layout.suspect_rows(values)
-    if layout.identity and not suspects:
-        return [_new_tuple(cls, values[base : base + width]) for base in range(0, len(values), width)], 0
+    if not suspects:
+        if layout.identity:
+            return [_new_tuple(cls, values[b : b + width]) for b in range(0, len(values), width)], 0
+        getter, pad = layout.getter, _PAD
+        return [_new_tuple(cls, getter(values[b : b + width] + pad)) for b in range(0, len(values), width)], 0
     events: list[Any] = []
     append = events.append
     rejected = 0
-    getter = None if layout.identity else layout.getter
+    reorder = not layout.identity
+    getter = layout.getter
     for row_index, base in enumerate(range(0, len(values), width)):
         row: Sequence[Any] = values[base : base + width]
-        if getter is not None:
-            row = getter([*row, None])
+        if reorder:
+            row = getter(values[base : base + width] + _PAD)
         if row_index in suspects:
             checked = layout.check(row)
             if checked is None:
