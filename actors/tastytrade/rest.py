@@ -34,7 +34,7 @@ from tastytrade.instruments import Equity
 from tastytrade.utils import TastytradeError
 
 from config.settings import Secret, TastytradeSettings
-from normalize.symbology import is_option_key
+from normalize.symbology import is_option_key, occ_symbol, parse_occ
 from supervisor.errors import FatalError, TransientError
 
 T = TypeVar("T")
@@ -178,7 +178,11 @@ class TastytradeRest:
                 if isinstance(item, dict):
                     symbol, streamer = item.get("symbol"), item.get("streamer-symbol")
                     if isinstance(symbol, str) and isinstance(streamer, str) and streamer:
-                        found[symbol] = streamer
+                        try:  # keyed like the positions: the canonical (padded) OCC symbol
+                            o = parse_occ(symbol)
+                        except ValueError:
+                            continue
+                        found[occ_symbol(o.root, o.expiry, o.right, o.strike)] = streamer
         for chunk in _chunks(tickers, LOOKUP_CHUNK):
             equities = await _call("GET /instruments/equities", partial(self._equities, chunk))
             for equity in equities:
