@@ -36,13 +36,6 @@ def _policy(settings: Settings) -> tuple[Backoff, Intensity]:
     )
 
 
-def live_unavailable(settings: Settings) -> str | None:
-    """The setting that asks for live streaming this version cannot do yet, if any."""
-    if "ibkr" in settings.brokers and settings.broker_mode("ibkr") == "live":
-        return "IBKR_GATEWAY_URL"
-    return None
-
-
 SIMULATED_SECRET = "simulated"  # the credentials handed to the local Tastytrade simulator
 
 
@@ -55,6 +48,7 @@ def with_simulators(settings: Settings, sims: Any) -> Settings:
             ibkr=replace(
                 settings.ibkr,
                 gateway_url=sims.ibkr.base_url,
+                ws_url=None,
                 ca_file=None,
                 verify_tls=True,
                 session_cookie=None,
@@ -133,12 +127,13 @@ async def run_engine(settings: Settings) -> int:
         log.info(
             "engine_starting", mode=settings.mode, brokers=brokers, status_file=str(settings.status_file)
         )
-        log.warning(
-            "simulated_data",
-            brokers=[b for b, m in brokers.items() if m == "simulated"],
-            detail="rows come from the seeded market simulator, not from a broker",
-            seed=settings.sim.seed,
-        )
+        if simulated := [b for b, m in brokers.items() if m == "simulated"]:
+            log.warning(
+                "simulated_data",
+                brokers=simulated,
+                detail="rows come from the seeded market simulator, not from a broker",
+                seed=settings.sim.seed,
+            )
         async with AsyncExitStack() as stack:
             try:
                 with anyio.CancelScope(shield=True):  # a started server is always stopped again
@@ -189,8 +184,11 @@ async def run_engine(settings: Settings) -> int:
 def _broker_run(broker: str, settings: Settings, mode: str, market: Any) -> RunFn:
     """The actor of one broker. ``settings`` already point a simulated broker at its simulator.
 
-    Tastytrade: the real actor (SDK REST + DXLink), live or against the simulator. The demo feed
-    stands in for IBKR until its wire-protocol actor lands."""
+    Both brokers run their wire-protocol actors, live or against their simulator."""
+    if broker == "ibkr":
+        from actors.ibkr.actor import make_ibkr_actor
+
+        return make_ibkr_actor(settings.ibkr, mode=mode)
     if broker == "tastytrade":
         from actors.tastytrade import make_tastytrade_actor
 

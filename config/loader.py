@@ -80,7 +80,18 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "IBKR_ACCOUNTS": ("(all)", "comma-separated IBKR accounts"),
     "IBKR_CA_FILE": ("(unset)", "CA file to verify the gateway's certificate"),
     "IBKR_VERIFY_TLS": ("true", "verify the gateway's TLS certificate (false is logged loudly)"),
-    "IBKR_SESSION": ("(unset)", "the gateway's `api` session cookie, if known (secret)"),
+    "IBKR_SESSION": (
+        "(unset)",
+        'the gateway\'s `api` session cookie (`<id>` or `{"session":"<id>"}`), if known (secret)',
+    ),
+    "IBKR_WS_URL": ("(derived)", "WebSocket URL; default `wss://<gateway>/v1/api/ws` (`ws://` for http)"),
+    "IBKR_TIC_INTERVAL_S": ("60", "seconds between `tic` keepalives on the socket (at most 60)"),
+    "IBKR_TICKLE_INTERVAL_S": ("60", "seconds between `POST /tickle` session keepalives"),
+    "IBKR_RESUBSCRIBE_S": ("540", "each `smd` is re-sent this long after it was sent (at most 600)"),
+    "IBKR_HB_TIMEOUT_S": ("30", "no `system` heartbeat (sent every 10 s) this long: reconnect"),
+    "IBKR_POSITIONS_REFRESH_S": ("60", "seconds between positions refreshes (new `smd`, closed `umd`)"),
+    "IBKR_MAX_SUBSCRIPTIONS": ("100", "market data lines: conids streamed at most (options first)"),
+    "IBKR_IV_SCALE": ("auto", "field 7633: `percent`, `fraction` or `auto` (`%` or > 2: percent)"),
     "TT_CLIENT_SECRET": ("(unset)", "Tastytrade OAuth client secret (secret)"),
     "TT_REFRESH_TOKEN": (
         "(unset)",
@@ -256,6 +267,17 @@ def parse_http_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def parse_ws_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(text)
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError(text) from None
+    return text
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -335,6 +357,14 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         ca_file=r.get("IBKR_CA_FILE", _existing_file, None, "the path of an existing CA file"),
         verify_tls=r.boolean("IBKR_VERIFY_TLS", True),
         session_cookie=r.secret("IBKR_SESSION"),
+        ws_url=r.get("IBKR_WS_URL", parse_ws_url, None, "a ws(s) URL such as wss://localhost:5000/v1/api/ws"),
+        tic_interval_s=r.number("IBKR_TIC_INTERVAL_S", 60.0, high=60),
+        tickle_interval_s=r.number("IBKR_TICKLE_INTERVAL_S", 60.0),
+        resubscribe_s=r.number("IBKR_RESUBSCRIBE_S", 540.0, high=600),
+        hb_timeout_s=r.number("IBKR_HB_TIMEOUT_S", 30.0),
+        positions_refresh_s=r.number("IBKR_POSITIONS_REFRESH_S", 60.0),
+        max_subscriptions=r.integer("IBKR_MAX_SUBSCRIPTIONS", 100, low=1),
+        iv_scale=r.choice("IBKR_IV_SCALE", "auto", ("auto", "percent", "fraction")),
     )
     tastytrade = TastytradeSettings(
         client_secret=r.secret("TT_CLIENT_SECRET"),

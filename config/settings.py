@@ -79,10 +79,41 @@ class IbkrSettings:
     ca_file: Path | None = None
     verify_tls: bool = True
     session_cookie: Secret | None = None  # IBKR_SESSION: the gateway's `api` cookie, if already known
+    ws_url: str | None = None  # IBKR_WS_URL: overrides the WebSocket URL derived from gateway_url
+    tic_interval_s: float = 60.0  # `tic` on the socket (the gateway wants one at least every minute)
+    tickle_interval_s: float = 60.0  # POST /tickle (session keepalive)
+    resubscribe_s: float = 540.0  # re-send each smd before the gateway ends it after 10 minutes
+    hb_timeout_s: float = 30.0  # no `system` heartbeat (every 10 s) this long: the socket is stale
+    positions_refresh_s: float = 60.0
+    max_subscriptions: int = 100  # market data lines (the minimum an account has)
+    iv_scale: str = "auto"  # field 7633: "auto", "percent" or "fraction" (normalize.ibkr.IvScale)
 
     @property
     def live(self) -> bool:
         return self.gateway_url is not None
+
+    @property
+    def base_url(self) -> str | None:
+        """The gateway base without a trailing ``/v1/api``: ``https://localhost:5000``."""
+        if self.gateway_url is None:
+            return None
+        base = self.gateway_url.rstrip("/")
+        return base[: -len("/v1/api")] if base.endswith("/v1/api") else base
+
+    @property
+    def rest_url(self) -> str | None:
+        """``{base}/v1/api``."""
+        return None if self.base_url is None else self.base_url + "/v1/api"
+
+    @property
+    def websocket_url(self) -> str | None:
+        """``IBKR_WS_URL``, else ``wss://host/v1/api/ws`` (``ws://`` for an ``http://`` gateway)."""
+        if self.ws_url is not None:
+            return self.ws_url
+        if self.base_url is None:
+            return None
+        scheme, sep, rest = self.base_url.partition("://")
+        return ("wss" if scheme == "https" else "ws") + sep + rest + "/v1/api/ws"
 
 
 @dataclass(frozen=True, slots=True)

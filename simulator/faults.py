@@ -36,6 +36,7 @@ class Fault(StrEnum):
     UNAUTHENTICATED = "unauthenticated"  # the session loses its authentication
     SWITCH_TO_FULL = "switch_to_full"  # DXLink: unsolicited FEED_CONFIG switching to FULL
     BINARY_FRAME = "binary_frame"  # IBKR: send JSON in binary frames
+    RATE_LIMITED = "rate_limited"  # IBKR: answer REST requests with HTTP 429 and Retry-After
 
 
 @dataclass(slots=True)

@@ -62,6 +62,7 @@ SERVER_NAME = "JifZ11074"
 SERVER_VERSION = "Build 10.45.1a, Apr 28, 2026 4:11:09 PM"
 GREEK_FIELDS = frozenset({"7308", "7309", "7310", "7311", "7633"})
 DEFAULT_FIELDS = ("31", "84", "86")
+STRAY_MARK = "\u2122"  # a trademark sign: sent as the lone byte 0x99 (cp1252) when stray_bytes is on
 _MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 
 
@@ -92,6 +93,11 @@ class IbkrOptions:
     certfile: str | None = None  # serve TLS with this certificate chain...
     keyfile: str | None = None  # ...and key
     ssl_context: ssl.SSLContext | None = None  # or this context
+    session_message_required: bool = False  # ignore handshake cookies: ask for {"session": ..}
+    reject_conids: frozenset[int] = frozenset()  # smd for these is answered with an error
+    stray_bytes: bool = False  # a non-UTF-8 byte (0x99, as seen live) in a name field of smd frames
+    sparse_positions: bool = False  # positions rows without contract details (secdef has them)
+    retry_after: str = "1"  # Retry-After of the RATE_LIMITED fault's 429 answers
 
 
 # --------------------------------------------------------------------------- pure formatting
@@ -290,7 +296,10 @@ class IbkrGateway:
             seed=market.config.seed,
             rates=dict(market.config.rate_overrides),
         )
-        self.stats: dict[str, int] = {"frames": 0, "connections": 0, "rest_requests": 0}
+        self.stats: dict[str, int] = {"frames": 0, "connections": 0, "rest_requests": 0, "tics": 0}
+        self.smd_requests: dict[int, int] = {}  # conid -> smd received (all connections)
+        self.umd_requests: dict[int, int] = {}
+        self.request_log: list[tuple[float, str, str, int]] = []  # (time, method, path, status)
         self._connections: dict[int, _Connection] = {}
         self._conn_ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
@@ -550,10 +559,19 @@ class IbkrGateway:
         if self.faults.consume(Fault.REFUSE, now):
             log.info("request_refused", broker=BROKER, path=request.path)
             return web.Response(status=503, text="Service Unavailable")
-        if request.path != "/v1/api/ws":
-            self.stats["rest_requests"] += 1
-            self.last_request_ts = now
-        return await handler(request)
+        if request.path == "/v1/api/ws":
+            return await handler(request)
+        if self.faults.consume(Fault.RATE_LIMITED, now):
+            log.info("request_rate_limited", broker=BROKER, path=request.path)
+            self.request_log.append((now, request.method, request.path, 429))
+            return web.Response(
+                status=429, text="Too Many Requests", headers={"Retry-After": self.options.retry_after}
+            )
+        self.stats["rest_requests"] += 1
+        self.last_request_ts = now
+        response = await handler(request)
+        self.request_log.append((now, request.method, request.path, response.status))
+        return response
 
     @staticmethod
     def _json(data: Any, status: int = 200) -> web.Response:
@@ -702,6 +720,11 @@ class IbkrGateway:
             "undSym": c.underlying if is_option else None,
             "crossCurrency": False,
         }
+        if self.options.sparse_positions:  # only what secdef can fill in: no OCC, no details
+            row["contractDesc"] = c.underlying
+            for name in ("expiry", "putOrCall", "strike", "fullName", "lastTradingDay", "multiplier"):
+                row.pop(name)
+            row["assetClass"] = None
         return row
 
     @staticmethod
@@ -812,6 +835,8 @@ class IbkrGateway:
 
     def _request_session(self, request: web.Request) -> str | None:
         """The session id a handshake carries (cookie or query), or ``None``."""
+        if self.options.session_message_required:
+            return None
         cookies = parse_cookie_header(request.headers.get("Cookie", ""))
         if "api" in cookies:
             return parse_api_cookie(cookies["api"])
@@ -907,6 +932,7 @@ class IbkrGateway:
             return
         topic, _, rest = text.partition("+")
         if topic == "tic":
+            self.stats["tics"] += 1
             for _ in range(max(self.options.tic_replies, 1)):
                 conn.push(
                     {
@@ -932,6 +958,7 @@ class IbkrGateway:
                 conid = int(target.split("@", 1)[0])
             except ValueError:
                 return
+            self.umd_requests[conid] = self.umd_requests.get(conid, 0) + 1
             if conn.subs.pop(conid, None) is not None:
                 log.debug("unsubscribed", broker=BROKER, conn=conn.id, conid=conid)
             await self._notify()
@@ -955,8 +982,9 @@ class IbkrGateway:
             requested = decoded.get("fields") if isinstance(decoded, dict) else None
             if isinstance(requested, list):
                 fields = [str(f) for f in requested]
+        self.smd_requests[conid] = self.smd_requests.get(conid, 0) + 1
         contract = self.market.by_conid.get(conid)
-        if contract is None:
+        if contract is None or conid in self.options.reject_conids:
             conn.push({"topic": f"smd+{conid}", "error": f"Invalid conid {conid}", "code": 1})
             return
         if not self.authenticated:
@@ -1009,6 +1037,9 @@ class IbkrGateway:
     async def _send(self, conn: _Connection, text: str, now: float) -> None:
         if self.options.binary_frames or self.faults.active(Fault.BINARY_FRAME, now):
             await conn.ws.send_bytes(text.encode())
+        elif self.options.stray_bytes and STRAY_MARK in text:
+            # a text frame that is not valid UTF-8, as the real gateway sometimes sends
+            await conn.ws.send_frame(text.encode().replace(STRAY_MARK.encode(), b"\x99"), WSMsgType.TEXT)
         else:
             await conn.ws.send_str(text)
 
@@ -1097,6 +1128,8 @@ class IbkrGateway:
             "6119": conn.server_id,
         }
         frame.update({k: v for k, v in values.items() if full or sub.last_sent.get(k) != v})
+        if self.options.stray_bytes:
+            frame["7051"] = f"{self.market.specs[contract.underlying].name}{STRAY_MARK}"
         frame["topic"] = f"smd+{contract.conid}"
         frame[SEQ_FIELD] = tick.seq
         sub.last_sent.update(values)

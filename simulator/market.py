@@ -428,6 +428,23 @@ class Market:
             raise ValueError(f"unknown broker {broker!r}")
         return list(self._positions[broker])
 
+    def set_positions(self, broker: str, positions: list[SimPosition]) -> None:
+        """Replace ``broker``'s book (positions that open, change and close at run time); their
+        contracts become known to the market (``by_conid``, ticks) if they were not yet."""
+        if broker not in self._positions:
+            raise ValueError(f"unknown broker {broker!r}")
+        for position in positions:
+            if position.broker != broker:
+                raise ValueError(f"a {position.broker} position in the {broker} book")
+            if position.contract.key not in self.contracts and position.contract.key not in self._models:
+                raise ValueError(f"unknown contract {position.contract.key!r}")
+            self._add(position.contract)
+        self._positions[broker] = list(positions)
+
+    def option_contracts(self) -> list[SimContract]:
+        """Every option the market can price (the universe the books are drawn from)."""
+        return list(self._options.values())
+
     def underlying_contract(self, contract: SimContract) -> SimContract:
         """The stock or index a contract derives from (itself for a stock)."""
         return self.contracts[contract.underlying]
@@ -524,20 +541,6 @@ class Market:
         if self.config.record_times and rest:
             self._times[(broker, key)].extend([now] * len(rest))
         return [first, *rest]
-
-    def set_positions(self, broker: str, positions: list[SimPosition]) -> None:
-        """Replace ``broker``'s book at run time (positions opened, changed or closed); their
-        contracts become known to every simulator."""
-        if broker not in self._positions:
-            raise ValueError(f"unknown broker {broker!r}")
-        for pos in positions:
-            if pos.broker != broker:
-                raise ValueError(f"position of {pos.broker!r} in the book of {broker!r}")
-            if pos.contract.key not in self.contracts:
-                if pos.contract.asset_class == "OPT" and pos.contract.key not in self._models:
-                    raise ValueError(f"{pos.contract.key!r} is not an option of this market")
-                self._add(pos.contract)
-        self._positions[broker] = list(positions)
 
     def option(self, underlying: str, expiry: date, right: str, strike: float) -> SimContract:
         """An option on one of the market's underlyings (built on demand, priced like the rest)."""

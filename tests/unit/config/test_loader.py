@@ -74,6 +74,24 @@ BAD_VALUES = [
         "sometimes",
         "IBKR_VERIFY_TLS (got 'sometimes'): expected true or false (1/0, yes/no, on/off)",
     ),
+    (
+        "IBKR_WS_URL",
+        "https://localhost:5000/v1/api/ws",
+        "IBKR_WS_URL (got 'https://localhost:5000/v1/api/ws'): expected a ws(s) URL such as "
+        "wss://localhost:5000/v1/api/ws",
+    ),
+    ("IBKR_TIC_INTERVAL_S", "61", "IBKR_TIC_INTERVAL_S (got '61'): expected a number > 0 and <= 60"),
+    ("IBKR_TIC_INTERVAL_S", "0", "IBKR_TIC_INTERVAL_S (got '0'): expected a number > 0 and <= 60"),
+    ("IBKR_TICKLE_INTERVAL_S", "-1", "IBKR_TICKLE_INTERVAL_S (got '-1'): expected a number > 0"),
+    ("IBKR_RESUBSCRIBE_S", "900", "IBKR_RESUBSCRIBE_S (got '900'): expected a number > 0 and <= 600"),
+    ("IBKR_HB_TIMEOUT_S", "soon", "IBKR_HB_TIMEOUT_S (got 'soon'): expected a number > 0"),
+    ("IBKR_POSITIONS_REFRESH_S", "0", "IBKR_POSITIONS_REFRESH_S (got '0'): expected a number > 0"),
+    ("IBKR_MAX_SUBSCRIPTIONS", "0", "IBKR_MAX_SUBSCRIPTIONS (got '0'): expected an integer >= 1"),
+    (
+        "IBKR_IV_SCALE",
+        "basis_points",
+        "IBKR_IV_SCALE (got 'basis_points'): expected one of auto, percent, fraction",
+    ),
     ("TT_API_URL", "ftp://x", "TT_API_URL (got 'ftp://x'): expected an http(s) URL"),
     ("TT_ACCOUNTS", ",", "TT_ACCOUNTS (got ','): expected comma-separated names"),
     ("TT_CLIENT_SECRET", "s3cret", "TT_REFRESH_TOKEN: expected to be set together with TT_CLIENT_SECRET"),
@@ -210,10 +228,7 @@ def test_readme_documents_every_variable() -> None:
 
 
 def test_simulate_overrides_live_credentials() -> None:
-    from actors.engine import live_unavailable
-
     creds = {"TT_CLIENT_SECRET": "s", "TT_REFRESH_TOKEN": "r", "IBKR_GATEWAY_URL": "https://localhost:5000"}
-    assert live_unavailable(load_settings(creds)) == "IBKR_GATEWAY_URL"
-    assert live_unavailable(load_settings({**creds, "BROKERS": "tastytrade"})) is None  # Tastytrade is live
-    assert live_unavailable(load_settings({**creds, "SIMULATE": "true"})) is None
+    assert load_settings(creds).mode == "live"
     assert load_settings({**creds, "SIMULATE": "true"}).mode == "simulated"
+    assert load_settings({**creds, "SIMULATE": "true"}).broker_mode("tastytrade") == "simulated"
