@@ -17,8 +17,9 @@ configuration raises :class:`FatalError`.
 
 Counters that survive restarts (frames, malformed, reconnects) and the streamer-symbol cache
 live in the closure of :func:`make_tastytrade_actor`. Status keys (``actors.tastytrade``):
-``connection`` (``connecting``, ``streaming``, ``reconnecting``, ``down``), ``subscriptions``,
-``frames_total``, ``malformed_total``, ``reconnects``, ``accounts``; published at most twice a
+``connection`` (``connecting``, ``connected`` = authenticated and subscribed, ``disconnected``;
+the IBKR actor's values), ``subscriptions``, ``frames_total``, ``malformed_total``,
+``errors_total`` (informational ERRORs), ``reconnects``, ``accounts``; published at most twice a
 second, and at once on a state change. Nothing is logged per tick; malformed frames are logged
 truncated, the first 10 and then every 1000th.
 """
@@ -188,7 +189,7 @@ class _Attempt:
                 except BaseExceptionGroup as group:
                     raise _first(group) from None
         finally:
-            self.connection_state = "down"
+            self.connection_state = "disconnected"
             self._publish(changed=True)
 
     async def _stream(self) -> None:
@@ -205,7 +206,7 @@ class _Attempt:
             if outcome.new_token:
                 token = await self.rest.quote_token()
                 self.log.info("quote_token_refreshed", reason=outcome.reason)
-            self.connection_state = "reconnecting"
+            self.connection_state = "disconnected"
             self._publish(changed=True)
 
     # ----------------------------------------------------------------- positions
@@ -386,7 +387,7 @@ class _Attempt:
                         BROKER, conn.session_id, tuple(self.accounts), conn.host, self.mode, received
                     )
                 )
-                self.connection_state = "streaming"
+                self.connection_state = "connected"
                 self._publish(changed=True)
                 self.log.info(
                     "subscriptions_sent",
@@ -469,6 +470,7 @@ class _Attempt:
             subscriptions=len(self.plan.items),
             frames_total=c.frames_total,
             malformed_total=c.malformed_total,
+            errors_total=c.errors_total,
             reconnects=c.reconnects,
             accounts=list(self.accounts),
         )

@@ -221,7 +221,7 @@ async def test_start_positions_subscriptions_and_events() -> None:
         assert some.values["iv"] == pytest.approx(h.market.model_iv(some.instrument))
 
         info = h.info
-        assert info["connection"] == "streaming"
+        assert info["connection"] == "connected"
         assert info["subscriptions"] == len(wanted)
         assert info["accounts"] == ["5WT00001"]
         assert info["malformed_total"] == 0
@@ -271,7 +271,7 @@ async def test_server_silence_reconnects_and_resubscribes() -> None:
         await h.sim_until(lambda: set(new.proto.subscriptions()) == first_subscriptions)
         assert new.proto.subscription_messages[0][1] is True  # reset
         assert new.number == h.info["reconnects"] + 1 >= 2
-        assert h.info["connection"] == "streaming"
+        assert h.info["connection"] == "connected"
 
 
 async def test_server_timeout_error_reconnects() -> None:
@@ -425,6 +425,7 @@ async def test_informational_error_does_not_end_the_session() -> None:
             error = '{"type":"ERROR","channel":1,"error":"UNKNOWN","message":"simulated hiccup"}'
             assert h.sim.send_to_clients(error) == 1
             await h.until(lambda: any(e["event"] == "dxlink_error_received" for e in logs))
+            await h.until(lambda: h.info["errors_total"] == 1)
             before = len(h.updates())
             await h.until(lambda: len(h.updates()) > before + 50)
             assert h.sim.connections_total == 1

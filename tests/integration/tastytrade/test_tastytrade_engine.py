@@ -66,20 +66,26 @@ async def test_live_mode_against_the_simulator_writes_rows_for_every_option_posi
         status_file = tmp_path / "var" / "status.json"
         with engine_process(env) as proc:
             doc: dict[str, Any] | None = None
-            with anyio.fail_after(90):
-                while True:  # the status file is the only thing another process lets us watch
-                    assert proc.poll() is None, proc.communicate()
-                    doc = read_status(status_file)
-                    portfolio = (doc or {}).get("portfolio", {})
-                    if (
-                        doc
-                        and doc["actors"]["tastytrade"].get("connection") == "streaming"
-                        and portfolio.get("total", {}).get("positions", 0) == len(positions)
-                        and not portfolio.get("positions_without_data")
-                        and doc["writer"]["rows_total"] > 3 * len(positions)
-                    ):
-                        break
-                    await anyio.sleep(0.1)
+            deadline = time.monotonic() + 45
+            while True:  # the status file is the only thing another process lets us watch
+                assert proc.poll() is None, proc.communicate()
+                doc = read_status(status_file)
+                portfolio = (doc or {}).get("portfolio", {})
+                if (
+                    doc
+                    and doc["actors"]["tastytrade"].get("connection") == "connected"
+                    and portfolio.get("total", {}).get("positions", 0) == len(positions)
+                    and not portfolio.get("positions_without_data")
+                    and doc["writer"]["rows_total"] > 3 * len(positions)
+                ):
+                    break
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    out, err = proc.communicate()
+                    pytest.fail(
+                        f"not streaming in time; status: {doc}\n{out.decode()[-4000:]}\n{err.decode()[-2000:]}"
+                    )
+                await anyio.sleep(0.1)
             assert doc["mode"] == "live"
             assert doc["brokers"] == {"tastytrade": "live"}
             tt = doc["actors"]["tastytrade"]
