@@ -27,7 +27,9 @@ per-contract ``seq`` in that event's ``sequence`` field (a field the SDK parses 
 real feed puts a within-millisecond counter there), and its low 22 bits in ``index``
 (``time<<22`` layout). So each event the client turns into an update is one ``(contract, seq)``
 of the market's ledger. Summary has no sequence field; Summary events use ``market.peek`` (no
-seq consumed), so the ledger counts only events that carry one.
+seq consumed), so the ledger counts only events that carry one. Emission instants are whole
+milliseconds (DXLink's time unit), so ``market.peek(key, event.time / 1000)`` gives an event's
+values back exactly.
 
 Emission: one task for the server. Each subscribed contract (over every authorized, non-stalled
 connection) has a :class:`~simulator.schedule.ContractClock`; every cycle the due updates are
@@ -956,7 +958,10 @@ class TastytradeSim:
         due.sort()
         batches: dict[tuple[_Connection, int, str], list[dict[str, object]]] = defaultdict(list)
         market = self.market
-        for ts, key in due:
+        for due_ts, key in due:
+            # DXLink times are whole milliseconds: tick at one, so an event's `time` is the exact
+            # instant of its values (market.peek(key, time / 1000) gives them back)
+            ts = math.floor(due_ts * 1000.0) / 1000.0
             contract = market.contracts[key]
             subs = targets[key]
             types = sorted({t for _, _, t in subs})

@@ -83,7 +83,8 @@ async def test_live_mode_against_the_simulator_writes_rows_for_every_option_posi
                     proc.kill()
                     out, err = proc.communicate()
                     pytest.fail(
-                        f"not streaming in time; status: {doc}\n{out.decode()[-4000:]}\n{err.decode()[-2000:]}"
+                        f"not streaming in time; status: {doc}\n"
+                        f"{out.decode()[-4000:]}\n{err.decode()[-2000:]}"
                     )
                 await anyio.sleep(0.1)
             assert doc["mode"] == "live"
