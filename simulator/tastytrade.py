@@ -299,9 +299,13 @@ class _Connection:
             if self.stalled:
                 continue  # socket open, nothing sent
             self.unsent = len(frames)
-            for text in frames:
-                await self._send(text)
-                self.unsent -= 1
+            try:
+                for text in frames:
+                    await self._send(text)
+                    self.unsent -= 1
+            except ConnectionResetError:  # the client went away (or ABORT): the connection is over
+                scope.cancel()
+                return
             if self.proto.close_code is not None:
                 await self.ws.close(code=self.proto.close_code, message=self.proto.close_reason.encode())
                 scope.cancel()

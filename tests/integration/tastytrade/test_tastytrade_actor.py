@@ -4,6 +4,7 @@ event (a batch on the channel, a message at the simulator), never a sleep."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -288,7 +289,7 @@ async def test_server_timeout_error_reconnects() -> None:
     ("fault", "reason"),
     [(Fault.DROP, "closed 1001 simulated drop"), (Fault.ABORT, "dropped: no close frame")],
 )
-async def test_drop_reconnects(fault: Fault, reason: str) -> None:
+async def test_drop_reconnects(fault: Fault, reason: str, caplog: pytest.LogCaptureFixture) -> None:
     async with actor_on_sim() as h:
         await started(h)
         h.sim.faults.inject(fault, count=1)
@@ -298,6 +299,8 @@ async def test_drop_reconnects(fault: Fault, reason: str) -> None:
         await h.sim_until(lambda: len(h.sim.subscribed_symbols()) == h.info["subscriptions"])
         before = len(h.updates())
         await h.until(lambda: len(h.updates()) > before + 50)
+    # neither side logs an error for a connection that went away (the engine's logs stay clean)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_rejected_token_gets_a_new_token() -> None:
