@@ -36,13 +36,6 @@ def _policy(settings: Settings) -> tuple[Backoff, Intensity]:
     )
 
 
-def live_unavailable(settings: Settings) -> str | None:
-    """The setting that asks for live streaming this version cannot do yet, if any."""
-    if "tastytrade" in settings.brokers and settings.broker_mode("tastytrade") == "live":
-        return "TT_CLIENT_SECRET"
-    return None
-
-
 SIMULATED_SECRET = "simulated"  # the credentials handed to the local Tastytrade simulator
 
 
@@ -191,11 +184,15 @@ async def run_engine(settings: Settings) -> int:
 def _broker_run(broker: str, settings: Settings, mode: str, market: Any) -> RunFn:
     """The actor of one broker. ``settings`` already point a simulated broker at its simulator.
 
-    The demo feed stands in for Tastytrade until its wire-protocol actor lands."""
+    Both brokers run their wire-protocol actors, live or against their simulator."""
     if broker == "ibkr":
         from actors.ibkr.actor import make_ibkr_actor
 
         return make_ibkr_actor(settings.ibkr, mode=mode)
+    if broker == "tastytrade":
+        from actors.tastytrade import make_tastytrade_actor
+
+        return make_tastytrade_actor(settings.tastytrade, mode=mode)
     from actors.demo import make_demo_feed
 
     return make_demo_feed(broker, market, settings.sim.rate_hz)
