@@ -239,15 +239,7 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    from actors.engine import live_unavailable, run_engine
-
-    if (variable := live_unavailable(settings)) is not None:
-        print(
-            f"config error: {variable}: live streaming from this broker is not available in this "
-            "version yet; unset its credentials or pass --simulate",
-            file=sys.stderr,
-        )
-        return 2
+    from actors.engine import run_engine
     from config.logging import configure_logging, get_logger, redact_text
 
     configure_logging(settings.log_level, settings.log_format)

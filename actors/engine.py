@@ -36,13 +36,6 @@ def _policy(settings: Settings) -> tuple[Backoff, Intensity]:
     )
 
 
-def live_unavailable(settings: Settings) -> str | None:
-    """The setting that asks for live streaming this version cannot do yet, if any."""
-    if "tastytrade" in settings.brokers and settings.broker_mode("tastytrade") == "live":
-        return "TT_CLIENT_SECRET"
-    return None
-
-
 SIMULATED_SECRET = "simulated"  # the credentials handed to the local Tastytrade simulator
 
 
@@ -96,17 +89,12 @@ async def broker_simulators(settings: Settings, modes: dict[str, str]) -> AsyncI
 async def run_engine(settings: Settings) -> int:
     """Start the database, build the tree, run it until SIGINT/SIGTERM. Returns the exit code."""
     from db.embedded import EmbeddedError, keep_alive, open_database
-    from simulator.market import Market, MarketConfig
 
     log = get_logger(actor="engine")
     brokers = {b: settings.broker_mode(b) for b in settings.brokers}
     registry = StatusRegistry(mode=settings.mode, clock=time.time, redact=redact_text)
     registry.publish("brokers", dict(brokers))
     backoff, intensity = _policy(settings)
-    market = Market(
-        MarketConfig(seed=settings.sim.seed, positions=settings.sim.positions, rate_hz=settings.sim.rate_hz),
-        start_ts=time.time(),
-    )
     supervisor: Supervisor | None = None
     stop_before_start = anyio.Event()
 
@@ -138,7 +126,7 @@ async def run_engine(settings: Settings) -> int:
             log.warning(
                 "simulated_data",
                 brokers=simulated,
-                detail="rows come from the seeded market simulator, not from a broker",
+                detail="these brokers are the local simulators (seeded market), not real brokers",
                 seed=settings.sim.seed,
             )
         async with AsyncExitStack() as stack:
@@ -170,7 +158,7 @@ async def run_engine(settings: Settings) -> int:
             elif fatal is None:
                 effective = await stack.enter_async_context(broker_simulators(settings, brokers))
                 supervisor = Supervisor(
-                    _specs(effective, db.dsn, brokers, market, backoff, intensity),
+                    _specs(effective, db.dsn, brokers, backoff, intensity),
                     [
                         ChannelSpec("raw", settings.channels.raw_capacity),
                         ChannelSpec("rows", settings.channels.rows_capacity),
@@ -188,24 +176,24 @@ async def run_engine(settings: Settings) -> int:
     return code
 
 
-def _broker_run(broker: str, settings: Settings, mode: str, market: Any) -> RunFn:
-    """The actor of one broker. ``settings`` already point a simulated broker at its simulator.
-
-    The demo feed stands in for Tastytrade until its wire-protocol actor lands."""
+def _broker_run(broker: str, settings: Settings, mode: str) -> RunFn:
+    """The wire-protocol actor of one broker, live or against its simulator (``settings`` already
+    point a simulated broker at its simulator)."""
     if broker == "ibkr":
         from actors.ibkr.actor import make_ibkr_actor
 
         return make_ibkr_actor(settings.ibkr, mode=mode)
-    from actors.demo import make_demo_feed
+    if broker == "tastytrade":
+        from actors.tastytrade import make_tastytrade_actor
 
-    return make_demo_feed(broker, market, settings.sim.rate_hz)
+        return make_tastytrade_actor(settings.tastytrade, mode=mode)
+    raise ValueError(f"unknown broker {broker!r}")
 
 
 def _specs(
     settings: Settings,
     dsn: str,
     modes: dict[str, str],
-    market: Any,
     backoff: Backoff,
     intensity: Intensity,
 ) -> list[ActorSpec]:
@@ -229,7 +217,7 @@ def _specs(
     specs += [
         ActorSpec(
             broker,
-            _broker_run(broker, settings, modes[broker], market),
+            _broker_run(broker, settings, modes[broker]),
             Restart.PERMANENT,
             backoff,
             intensity,

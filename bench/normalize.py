@@ -28,15 +28,33 @@ from typing import Any
 
 import orjson
 
-from actors.demo import to_position
 from normalize.book import Book
 from normalize.events import InstrumentUpdate, PositionsSnapshot
-from simulator.market import Market, MarketConfig
+from normalize.model import AssetClass, Right, UnifiedPosition
+from simulator.market import Market, MarketConfig, SimPosition
 
 OUT = Path(__file__).parent / "out"
 START = 1_767_000_000.0
 BROKER_FIELDS = ("bid", "ask", "last", "iv", "delta", "gamma", "theta", "vega", "rho")
 PRICE_FIELDS = ("bid", "ask", "last")
+
+
+def to_position(p: SimPosition) -> UnifiedPosition:
+    """A simulator position as the brokers' mappers would produce it."""
+    c = p.contract
+    return UnifiedPosition(
+        broker=p.broker,
+        account=p.account,
+        instrument=c.key,
+        underlying=c.underlying,
+        asset_class=AssetClass.OPTION if c.asset_class == "OPT" else AssetClass.STOCK,
+        right=None if c.right is None else Right(c.right),
+        strike=c.strike,
+        expiry=c.expiry,
+        multiplier=c.multiplier,
+        quantity=p.quantity,
+        avg_cost=p.avg_cost,
+    )
 
 
 def _setup(batch: int) -> tuple[Callable[[], Book], dict[str, list[list[InstrumentUpdate]]]]:

@@ -99,6 +99,11 @@ VARIABLES: dict[str, tuple[str, str]] = {
     ),
     "TT_API_URL": ("https://api.tastyworks.com", "Tastytrade REST base URL"),
     "TT_ACCOUNTS": ("(all)", "comma-separated Tastytrade accounts"),
+    "TT_KEEPALIVE_S": ("30", "seconds between DXLink KEEPALIVEs when idle (0 < s < 60)"),
+    "TT_STALE_S": ("60", "nothing from DXLink for this long means stale: reconnect"),
+    "TT_AGGREGATION_S": ("0.1", "DXLink aggregation period asked for (0 = none, at most 10)"),
+    "TT_POSITIONS_REFRESH_S": ("60", "seconds between positions refreshes (subscriptions follow)"),
+    "TT_HANDSHAKE_TIMEOUT_S": ("10", "seconds from socket open to a subscribed feed before reconnecting"),
     "SIM_SEED": ("42", "random seed of the simulated market"),
     "SIM_RATE_HZ": ("2", "simulated updates per contract per second (0 < rate <= 1000)"),
     "SIM_POSITIONS": ("0", "simulated contracts per broker; 0 = the default book"),
@@ -366,6 +371,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         refresh_token=r.secret("TT_REFRESH_TOKEN"),
         api_url=r.get("TT_API_URL", parse_http_url, "https://api.tastyworks.com", "an http(s) URL"),
         accounts=r.names("TT_ACCOUNTS", ()),
+        keepalive_s=r.number("TT_KEEPALIVE_S", 30.0, high=59),
+        stale_s=r.number("TT_STALE_S", 60.0),
+        aggregation_s=r.number("TT_AGGREGATION_S", 0.1, low_inclusive=True, high=10),
+        positions_refresh_s=r.number("TT_POSITIONS_REFRESH_S", 60.0),
+        handshake_timeout_s=r.number("TT_HANDSHAKE_TIMEOUT_S", 10.0),
     )
     if (tastytrade.client_secret is None) != (tastytrade.refresh_token is None):
         missing = "TT_REFRESH_TOKEN" if tastytrade.refresh_token is None else "TT_CLIENT_SECRET"

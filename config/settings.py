@@ -121,7 +121,12 @@ class TastytradeSettings:
     client_secret: Secret | None = None
     refresh_token: Secret | None = None
     api_url: str = "https://api.tastyworks.com"
-    accounts: tuple[str, ...] = ()
+    accounts: tuple[str, ...] = ()  # empty: every open account
+    keepalive_s: float = 30.0  # TT_KEEPALIVE_S: DXLink KEEPALIVE after this long without sending
+    stale_s: float = 60.0  # TT_STALE_S: nothing from the server this long -> reconnect
+    aggregation_s: float = 0.1  # TT_AGGREGATION_S: DXLink acceptAggregationPeriod
+    positions_refresh_s: float = 60.0  # TT_POSITIONS_REFRESH_S
+    handshake_timeout_s: float = 10.0  # TT_HANDSHAKE_TIMEOUT_S: socket open to feed ready
 
     @property
     def live(self) -> bool:

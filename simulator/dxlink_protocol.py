@@ -213,6 +213,10 @@ class DxLinkServerProtocol:
         self.close_reason = ""
         self._out: list[str] = []
         self._events: list[Event] = []
+        #: what the client sent, for tests: message type -> count, and one
+        #: ``(bytes, reset, added, removed)`` per FEED_SUBSCRIPTION
+        self.received_types: dict[str, int] = {}
+        self.subscription_messages: list[tuple[int, bool, int, int]] = []
 
     # --- verbs (websockets style) --------------------------------------------------------------
 
@@ -240,6 +244,18 @@ class DxLinkServerProtocol:
         if self.state is AuthState.AWAIT_SETUP and message["type"] != "SETUP":
             self._send(_error(0, "BAD_ACTION", "SETUP must be the first message."), now)
             return
+        kind = message["type"]
+        self.received_types[kind] = self.received_types.get(kind, 0) + 1
+        if kind == "FEED_SUBSCRIPTION":
+            add, remove = message.get("add"), message.get("remove")
+            self.subscription_messages.append(
+                (
+                    len(text.encode()),
+                    message.get("reset") is True,
+                    len(add) if isinstance(add, list) else 0,
+                    len(remove) if isinstance(remove, list) else 0,
+                )
+            )
         handler(self, message, channel, now)
 
     def receive_binary(self, now: float) -> None:

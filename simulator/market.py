@@ -38,7 +38,7 @@ import math
 import random
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 
 from normalize import bsm
@@ -528,6 +528,23 @@ class Market:
         if self.config.record_times:
             self._times.setdefault((broker, key), []).append(now)
         return tick
+
+    def ticks(self, broker: str, key: str, now: float, count: int) -> list[Tick]:
+        """``count`` emissions of ``key`` at the same instant (one per event sent): the same
+        values, consecutive seqs, all recorded; the state is computed once."""
+        if count <= 0:
+            return []
+        first = self.tick(broker, key, now)
+        seq = first.seq
+        rest = [replace(first, seq=seq + i) for i in range(1, count)]
+        self._ledger[(broker, key)] = seq + count - 1
+        if self.config.record_times and rest:
+            self._times[(broker, key)].extend([now] * len(rest))
+        return [first, *rest]
+
+    def option(self, underlying: str, expiry: date, right: str, strike: float) -> SimContract:
+        """An option on one of the market's underlyings (built on demand, priced like the rest)."""
+        return self._option(self.specs[underlying], expiry, right, strike)
 
     def peek(self, key: str, now: float, broker: str | None = None) -> Tick:
         """The same values as :meth:`tick` without emitting; ``seq`` is the last one emitted

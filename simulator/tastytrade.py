@@ -20,11 +20,16 @@ sends strings, errors ``{"error": {"code", "message"}}``):
 Every request but ``/oauth/token`` needs ``Authorization: Bearer <access token>`` and a
 ``User-Agent`` of the form ``product/version`` (the real API answers 401 without it).
 
-Sequence numbers: every emitted update calls ``market.tick("tastytrade", key, t)`` once; the
-resulting per-contract ``seq`` is sent in the ``sequence`` field of Greeks, Quote, Trade and
-TheoPrice events (a field the SDK parses as ``int``; the real feed puts a within-millisecond
-counter there), and its low 22 bits in ``index`` (``time<<22`` layout). Summary has no sequence
-field; Summary events are derived from the same tick.
+Sequence numbers: every emitted update *event* has its own: for each due contract the emitter
+calls ``market.tick("tastytrade", key, t)`` once per event type it sends (Greeks, Quote, Trade,
+TheoPrice), all at the same ``t`` so they carry the same values, and puts the resulting
+per-contract ``seq`` in that event's ``sequence`` field (a field the SDK parses as ``int``; the
+real feed puts a within-millisecond counter there), and its low 22 bits in ``index``
+(``time<<22`` layout). So each event the client turns into an update is one ``(contract, seq)``
+of the market's ledger. Summary has no sequence field; Summary events use ``market.peek`` (no
+seq consumed), so the ledger counts only events that carry one. Emission instants are whole
+milliseconds (DXLink's time unit), so ``market.peek(key, event.time / 1000)`` gives an event's
+values back exactly.
 
 Emission: one task for the server. Each subscribed contract (over every authorized, non-stalled
 connection) has a :class:`~simulator.schedule.ContractClock`; every cycle the due updates are
@@ -40,6 +45,10 @@ FEED_DATA with one value missing, ``BAD_TOKEN`` OAuth refresh and DXLink AUTH re
 ``UNAUTHENTICATED`` REST answers 401 while active and open DXLink connections get AUTH_STATE
 UNAUTHORIZED (the client must AUTH again), ``SWITCH_TO_FULL`` an unsolicited FEED_CONFIG to FULL
 on every configured channel of a connection, ``BINARY_FRAME`` the next frame goes out binary.
+
+Run-time changes: quote tokens live ``quote_token_ttl_s`` (``expires-at`` says when) and an open
+connection whose token has expired gets AUTH_STATE UNAUTHORIZED (``enforce_token_expiry``);
+``market.set_positions("tastytrade", ...)`` changes the book the positions endpoint serves.
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ import ssl
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -62,7 +71,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from normalize.symbology import occ_symbol, streamer_symbol
-from simulator.dxlink_protocol import DxLinkServerProtocol, Event, Subscribed
+from simulator.dxlink_protocol import Authorized, DxLinkServerProtocol, Event, Subscribed
 from simulator.faults import Fault, FaultController
 from simulator.market import Market, SimContract, SimPosition, Tick
 from simulator.schedule import ContractClock, UpdateSchedule
@@ -231,6 +240,8 @@ class _Connection:
         self._wake = anyio.Event()
         self._rearm = anyio.Event()
         self.binary_next = False
+        self.token: str | None = None  # the quote token this connection authorized with
+        self.number = 0  # 1 for the simulator's first connection, 2 for the next...
         self.frames_sent = 0
         self.unsent = 0  # frames taken from the protocol and not yet written
 
@@ -265,8 +276,9 @@ class _Connection:
             self._rearm.set()
             events = self.proto.events_received()
             if events:
-                self.sim._connection_changed(events)
+                self.sim._connection_changed(events, self)
             self.wake()
+            self.sim.notify()
 
     async def _timer(self) -> None:
         while True:
@@ -287,9 +299,13 @@ class _Connection:
             if self.stalled:
                 continue  # socket open, nothing sent
             self.unsent = len(frames)
-            for text in frames:
-                await self._send(text)
-                self.unsent -= 1
+            try:
+                for text in frames:
+                    await self._send(text)
+                    self.unsent -= 1
+            except ConnectionResetError:  # the client went away (or ABORT): the connection is over
+                scope.cancel()
+                return
             if self.proto.close_code is not None:
                 await self.ws.close(code=self.proto.close_code, message=self.proto.close_reason.encode())
                 scope.cancel()
@@ -322,6 +338,11 @@ class _Connection:
             self.proto.switch_format("FULL", mono)
         if faults.consume(Fault.UNAUTHENTICATED, now):
             self.proto.deauthorize(mono)
+        if self.token is not None and self.proto.authorized and self.sim.enforce_token_expiry:
+            expiry = self.sim.quote_token_expiry(self.token)
+            if expiry is not None and expiry <= now:
+                self.sim.tokens_expired += 1
+                self.proto.deauthorize(mono)  # the token ran out: the client must AUTH again
         if faults.consume(Fault.MALFORMED, now):
             self.proto.send_raw('{"type":"FEED_DATA","channel":1,"data":[Greeks, NaN', mono)
         if faults.consume(Fault.UNKNOWN_MESSAGE, now):
@@ -354,6 +375,8 @@ class TastytradeSim:
         due for the next cycle.
     :param ssl_context: serve https/wss with this context.
     :param require_user_agent: answer 401 to REST requests without ``product/version`` UA.
+    :param enforce_token_expiry: an open connection whose quote token expires gets AUTH_STATE
+        UNAUTHORIZED (what the real server does then is UNCERTAIN; reference §5).
     """
 
     def __init__(
@@ -379,6 +402,7 @@ class TastytradeSim:
         ssl_context: ssl.SSLContext | None = None,
         require_user_agent: bool = True,
         user_id: str = "sim-user-0001",
+        enforce_token_expiry: bool = True,
     ) -> None:
         self.market = market
         self.host = host
@@ -406,6 +430,9 @@ class TastytradeSim:
         self.ssl_context = ssl_context
         self.require_user_agent = require_user_agent
         self.user_id = user_id
+        self.enforce_token_expiry = enforce_token_expiry
+        self.tokens_expired = 0  # open connections deauthorized because their token expired
+        self.quote_tokens_issued = 0
         self.api_url = ""
         self.dxlink_url = ""
         self.connections: set[_Connection] = set()
@@ -417,6 +444,8 @@ class TastytradeSim:
         self._due_now: set[str] = set()
         self._close_prices: dict[str, float] = {}
         self._wake: asyncio.Event | None = None
+        self._activity = asyncio.Event()
+        self.closed_connections: list[_Connection] = []
         self._emitter: asyncio.Task[None] | None = None
         self._runners: list[web.AppRunner] = []
         self.faults.add_listener(self._on_fault)
@@ -502,7 +531,12 @@ class TastytradeSim:
     def issue_quote_token(self) -> str:
         token = "sim-quote-" + secrets.token_urlsafe(24)
         self._quote_tokens[token] = time.time() + self.quote_token_ttl_s
+        self.quote_tokens_issued += 1
         return token
+
+    def quote_token_expiry(self, token: str) -> float | None:
+        """POSIX expiry of a quote token this simulator issued (``None``: unknown token)."""
+        return self._quote_tokens.get(token)
 
     def _validate_quote_token(self, token: str) -> str | None:
         now = time.time()
@@ -854,22 +888,28 @@ class TastytradeSim:
         conn = _Connection(self, ws, request)
         self.connections.add(conn)
         self.connections_total += 1
+        conn.number = self.connections_total
         log.info("dxlink_connected", connections=len(self.connections))
+        self.notify()
         try:
             await conn.run()
         finally:
             conn.proto.connection_lost()
             self.connections.discard(conn)
+            self.closed_connections.append(conn)
+            self.notify()
             if not ws.closed:
                 with contextlib.suppress(Exception):
                     await ws.close()
             log.info("dxlink_disconnected", code=ws.close_code, frames_sent=conn.frames_sent)
         return ws
 
-    def _connection_changed(self, events: list[Event]) -> None:
+    def _connection_changed(self, events: list[Event], conn: _Connection) -> None:
         """A connection (re)authorized or changed subscriptions: new items are due at once."""
         for event in events:
-            if isinstance(event, Subscribed):
+            if isinstance(event, Authorized):
+                conn.token = event.token
+            elif isinstance(event, Subscribed):
                 for _event_type, symbol in event.items:
                     contract = self.market.by_streamer.get(symbol)
                     if contract is not None:
@@ -921,16 +961,26 @@ class TastytradeSim:
         self._due_now.clear()
         due.sort()
         batches: dict[tuple[_Connection, int, str], list[dict[str, object]]] = defaultdict(list)
-        for ts, key in due:
-            contract = self.market.contracts[key]
-            tick = self.market.tick(BROKER, key, ts)
+        market = self.market
+        for due_ts, key in due:
+            # DXLink times are whole milliseconds: tick at one, so an event's `time` is the exact
+            # instant of its values (market.peek(key, time / 1000) gives them back)
+            ts = math.floor(due_ts * 1000.0) / 1000.0
+            contract = market.contracts[key]
+            subs = targets[key]
+            types = sorted({t for _, _, t in subs})
+            # one seq per event type sent: each event is its own update (same instant, same values)
+            sequenced = [t for t in types if t != "Summary"]
+            ticks = dict(zip(sequenced, market.ticks(BROKER, key, ts, len(sequenced)), strict=True))
+            if len(sequenced) < len(types):
+                ticks["Summary"] = market.peek(key, ts, BROKER)
+            first = next(iter(ticks.values()))
             stats = self._stats.get(key)
             if stats is None:
-                ref = self._close_price(key) if contract.asset_class != "IND" else tick.last
-                stats = self._stats[key] = _DayStats(ref, tick.last, tick.last, tick.last, ref)
-            stats.update(tick.last)
-            subs = targets[key]
-            events = build_events(contract, tick, stats, {t for _, _, t in subs})
+                ref = self._close_price(key) if contract.asset_class != "IND" else first.last
+                stats = self._stats[key] = _DayStats(ref, first.last, first.last, first.last, ref)
+            stats.update(first.last)
+            events = {t: build_events(contract, tick, stats, (t,))[t] for t, tick in ticks.items()}
             for conn, channel, event_type in subs:
                 batches[(conn, channel, event_type)].append(events[event_type])
         touched: set[_Connection] = set()
@@ -963,6 +1013,32 @@ class TastytradeSim:
                 await asyncio.sleep(0)  # let readers run between bursts
 
     # ----------------------------------------------------------------------- test helpers
+
+    def notify(self) -> None:
+        """Wake :meth:`wait_until` callers (a client message arrived, a connection came or went)."""
+        self._activity.set()
+        self._activity = asyncio.Event()
+
+    async def wait_until(self, predicate: Callable[[], object]) -> None:
+        """Wait until ``predicate()`` is true, re-checking on every client message and connection
+        change (no polling); bound it with ``anyio.fail_after``."""
+        while not predicate():
+            await self._activity.wait()
+
+    def send_to_clients(self, text: str) -> int:
+        """Queue a raw text frame on every authorized open connection (e.g. an informational
+        ERROR); returns how many got it."""
+        sent = 0
+        for conn in list(self.connections):
+            if conn.proto.authorized:
+                conn.proto.send_raw(text, time.monotonic())
+                conn.wake()
+                sent += 1
+        return sent
+
+    def all_connections(self) -> list[_Connection]:
+        """Every connection so far, oldest first."""
+        return sorted([*self.closed_connections, *self.connections], key=lambda c: c.number)
 
     def subscribed_symbols(self) -> set[tuple[str, str]]:
         """Every ``(event type, symbol)`` subscribed on any connection."""

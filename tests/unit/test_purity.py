@@ -23,6 +23,7 @@ FORBIDDEN = {
 PURE = [
     *sorted((ROOT / "normalize").glob("*.py")),
     ROOT / "actors" / "ibkr" / "protocol.py",
+    ROOT / "actors" / "tastytrade" / "protocol.py",
     ROOT / "supervisor" / "spec.py",
     ROOT / "supervisor" / "policy.py",
     ROOT / "supervisor" / "errors.py",

@@ -278,6 +278,54 @@ class TestDxLink:
             key = market.by_streamer[symbol].key
             assert ledger[("tastytrade", key)] >= received[-1]
 
+    async def test_every_event_has_its_own_sequence(self, sim: TastytradeSim, market: Market) -> None:
+        """Greeks and Quote of one contract: each event consumes its own seq
+        (same instant, same values), so together they number 1, 2, 3... with no repeats."""
+        (symbol,) = _option_symbols(market, 1)
+        fields = {
+            "Greeks": ["eventSymbol", "sequence", "time"],
+            "Quote": ["eventSymbol", "sequence", "bidTime"],
+        }
+        async with connect(sim.dxlink_url) as ws:
+            dx = Dx(ws)
+            await dx.handshake(sim.issue_quote_token())
+            await dx.send({"type": "CHANNEL_REQUEST", "channel": 3, "service": "FEED", "parameters": {}})
+            await dx.recv_until(lambda m: m["type"] == "CHANNEL_OPENED")
+            await dx.send({"type": "FEED_SETUP", "channel": 3, "acceptEventFields": fields})
+            items = [{"type": t, "symbol": symbol} for t in fields]
+            await dx.send({"type": "FEED_SUBSCRIPTION", "channel": 3, "add": items})
+            seqs: dict[str, dict[int, int]] = {"Greeks": {}, "Quote": {}}  # seq -> time
+            with anyio.fail_after(10):
+                while min(len(v) for v in seqs.values()) < 4:
+                    message = await dx.feed_data()
+                    event_type, values = message["data"]
+                    for seq, time_ms in (row[1:] for row in zip(*[iter(values)] * 3, strict=True)):
+                        seqs[event_type][int(seq)] = int(time_ms)
+        greeks, quotes = seqs["Greeks"], seqs["Quote"]
+        assert not set(greeks) & set(quotes)
+        both = sorted([*greeks, *quotes])
+        assert both[: len(both) - 2] == list(range(1, len(both) - 1))  # the last pair may be in flight
+        for seq, time_ms in greeks.items():  # ticked together: Greeks seq n, Quote seq n+1, same instant
+            if seq + 1 in quotes:
+                assert quotes[seq + 1] == time_ms
+        key = market.by_streamer[symbol].key
+        assert market.ledger("tastytrade")[("tastytrade", key)] >= both[-1]
+
+    async def test_expired_quote_token_deauthorizes_an_open_connection(self, market: Market) -> None:
+        async with TastytradeSim(market, quote_token_ttl_s=0.5) as sim:
+            async with connect(sim.dxlink_url) as ws:
+                dx = Dx(ws)
+                await dx.handshake(sim.issue_quote_token())
+                await dx.open_feed(3, "Greeks", GREEKS_FIELDS, _option_symbols(market))
+                with anyio.fail_after(5):
+                    await dx.recv_until(lambda m: m.get("state") == "UNAUTHORIZED")
+                assert sim.tokens_expired == 1
+                await dx.send({"type": "AUTH", "channel": 0, "token": sim.issue_quote_token()})
+                with anyio.fail_after(5):
+                    await dx.recv_until(lambda m: m.get("state") == "AUTHORIZED")
+                    await dx.feed_data(3)
+            assert sim.quote_tokens_issued == 2
+
     async def test_several_events_per_message_and_quotes(self, sim: TastytradeSim, market: Market) -> None:
         """Quote and Greeks on their own channels; one FEED_DATA carries several events."""
         symbols = _option_symbols(market, 8)

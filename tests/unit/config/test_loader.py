@@ -96,6 +96,14 @@ BAD_VALUES = [
     ("TT_ACCOUNTS", ",", "TT_ACCOUNTS (got ','): expected comma-separated names"),
     ("TT_CLIENT_SECRET", "s3cret", "TT_REFRESH_TOKEN: expected to be set together with TT_CLIENT_SECRET"),
     ("TT_REFRESH_TOKEN", "r3fresh", "TT_CLIENT_SECRET: expected to be set together with TT_REFRESH_TOKEN"),
+    ("TT_KEEPALIVE_S", "60", "TT_KEEPALIVE_S (got '60'): expected a number > 0 and <= 59"),
+    ("TT_KEEPALIVE_S", "0", "TT_KEEPALIVE_S (got '0'): expected a number > 0 and <= 59"),
+    ("TT_STALE_S", "-1", "TT_STALE_S (got '-1'): expected a number > 0"),
+    ("TT_STALE_S", "soon", "TT_STALE_S (got 'soon'): expected a number > 0"),
+    ("TT_AGGREGATION_S", "11", "TT_AGGREGATION_S (got '11'): expected a number >= 0 and <= 10"),
+    ("TT_AGGREGATION_S", "-0.1", "TT_AGGREGATION_S (got '-0.1'): expected a number >= 0 and <= 10"),
+    ("TT_POSITIONS_REFRESH_S", "0", "TT_POSITIONS_REFRESH_S (got '0'): expected a number > 0"),
+    ("TT_HANDSHAKE_TIMEOUT_S", "nan", "TT_HANDSHAKE_TIMEOUT_S (got 'nan'): expected a number > 0"),
     ("RISK_FREE_RATE", "4%", "RISK_FREE_RATE (got '4%'): expected a number >= -0.2 and <= 1"),
     ("SIM_SEED", "abc", "SIM_SEED (got 'abc'): expected an integer >= 0"),
     ("SIM_RATE_HZ", "5000", "SIM_RATE_HZ (got '5000'): expected a number > 0 and <= 1000"),
@@ -131,6 +139,12 @@ def test_defaults() -> None:
     assert s.db.spool_dir == Path("var/spool")
     assert s.brokers == ("ibkr", "tastytrade")
     assert s.mode == "simulated"
+    tt = s.tastytrade
+    assert (tt.keepalive_s, tt.stale_s, tt.aggregation_s, tt.positions_refresh_s) == (30, 60, 0.1, 60)
+    assert tt.handshake_timeout_s == 10
+    shortened = load_settings({"TT_KEEPALIVE_S": "0.2", "TT_AGGREGATION_S": "0", "TT_STALE_S": "1.5"})
+    assert (shortened.tastytrade.keepalive_s, shortened.tastytrade.aggregation_s) == (0.2, 0.0)
+    assert shortened.tastytrade.stale_s == 1.5
 
 
 def test_values_parsed() -> None:
@@ -214,11 +228,7 @@ def test_readme_documents_every_variable() -> None:
 
 
 def test_simulate_overrides_live_credentials() -> None:
-    from actors.engine import live_unavailable
-
     creds = {"TT_CLIENT_SECRET": "s", "TT_REFRESH_TOKEN": "r", "IBKR_GATEWAY_URL": "https://localhost:5000"}
-    assert live_unavailable(load_settings(creds)) == "TT_CLIENT_SECRET"
-    assert live_unavailable(load_settings({**creds, "BROKERS": "ibkr"})) is None  # IBKR streams live
-    assert live_unavailable(load_settings({**creds, "BROKERS": "tastytrade"})) == "TT_CLIENT_SECRET"
-    assert live_unavailable(load_settings({**creds, "SIMULATE": "true"})) is None
+    assert load_settings(creds).mode == "live"
     assert load_settings({**creds, "SIMULATE": "true"}).mode == "simulated"
+    assert load_settings({**creds, "SIMULATE": "true"}).broker_mode("tastytrade") == "simulated"

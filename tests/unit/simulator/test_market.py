@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from normalize.symbology import format_strike, occ_symbol, streamer_symbol
-from simulator.market import BROKERS, Market, MarketConfig
+from simulator.market import BROKERS, Market, MarketConfig, SimPosition
 
 START = 1_767_000_000.0  # a fixed instant: tests do not depend on today's date
 OCC = re.compile(r"^[A-Z]{1,6} {0,5}\d{6}[CP]\d{8}$")
@@ -185,6 +185,41 @@ def test_seq_ledger() -> None:
     assert m.ledger("ibkr") == {("ibkr", key): 5}
     assert m.ledger() == {("ibkr", key): 5, ("tastytrade", key): 1}
     assert m.peek(key, START + 9).seq == 5  # highest over brokers
+
+
+def test_ticks_same_values_consecutive_seqs() -> None:
+    m = Market(MarketConfig(), START)
+    key = m.positions("tastytrade")[0].contract.key
+    m.tick("tastytrade", key, START)
+    greeks, quote, trade = m.ticks("tastytrade", key, START + 1, 3)
+    assert [t.seq for t in (greeks, quote, trade)] == [2, 3, 4]
+    assert greeks.delta == quote.delta == trade.delta
+    assert greeks.bid == quote.bid
+    assert m.ledger("tastytrade") == {("tastytrade", key): 4}
+    assert m.ticks("tastytrade", key, START + 2, 0) == []
+    timed = Market(MarketConfig(record_times=True, seq_offset=10), START)
+    timed.ticks("tastytrade", key, START + 1, 2)
+    timed.tick("tastytrade", key, START + 2)
+    assert timed.emissions("tastytrade")[("tastytrade", key)] == [START + 1, START + 1, START + 2]
+    assert timed.ledger("tastytrade") == {("tastytrade", key): 13}
+
+
+def test_set_positions_at_run_time() -> None:
+    m = Market(MarketConfig(), START)
+    book = m.positions("tastytrade")
+    new = m.option("QQQ", m.expiries[0], "P", 425.0)
+    assert new.key not in m.contracts
+    m.set_positions("tastytrade", [*book[1:], SimPosition("tastytrade", "5WT00001", new, -2.0, 3.1)])
+    keys = [p.contract.key for p in m.positions("tastytrade")]
+    assert new.key in keys
+    assert len(keys) == len(book)
+    assert m.contracts[new.key] is new
+    assert m.by_streamer[new.streamer_symbol] is new
+    assert m.tick("tastytrade", new.key, START).delta is not None
+    with pytest.raises(ValueError):
+        m.set_positions("ibkr", [SimPosition("tastytrade", "5WT00001", new, 1.0, 1.0)])
+    with pytest.raises(ValueError):
+        m.set_positions("schwab", [])
 
 
 def test_path_moves_but_stays_reasonable(market: Market) -> None:
