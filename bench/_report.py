@@ -14,7 +14,9 @@ STREAMING_PEERS = ("sdk_execute", "sdk_executemany", "ibind_ws")  # poll samples
 
 
 def command_line() -> str:
-    return "python " + " ".join(sys.argv)
+    """The command as typed (``bench/__main__`` sets ``argv[0]`` to ``python -m bench NAME``)."""
+    head = sys.argv[0] if sys.argv[0].startswith("python") else f"python {sys.argv[0]}"
+    return " ".join([head, *sys.argv[1:]])
 
 
 def table(runs: list[Run]) -> str:
