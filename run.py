@@ -130,6 +130,26 @@ def _human_status(doc: dict[str, Any], age: float, stale: bool) -> str:
             f"{name:<16}{a.get('state', '?'):<12}{a.get('restarts', 0):>9}{a.get('events_total', 0):>12}"
             f"{'-' if last is None else f'{last:.1f} s ago':>12}  {a.get('last_error') or ''}"
         )
+    brokers = doc.get("brokers", {})
+    for name, a in sorted(doc.get("actors", {}).items()):
+        if "connection" not in a:
+            continue
+        hb = a.get("last_hb_age_s")
+        details = [
+            f"{a.get('subscriptions', 0)} subscriptions",
+            f"{a.get('frames_total', 0)} frames",
+            f"{a.get('malformed_total', 0)} malformed",
+            f"{a.get('reconnects', 0)} reconnects",
+        ]
+        if a.get("subscriptions_left_out"):
+            details.append(f"{a['subscriptions_left_out']} left out (market data lines)")
+        if hb is not None:
+            details.append(f"hb {hb:.1f} s ago")
+        accounts = ",".join(a.get("accounts") or []) or "-"
+        lines.append(
+            f"{name}: {a['connection']} ({brokers.get(name, '?')}), accounts {accounts}: "
+            + ", ".join(details)
+        )
     if channels := doc.get("channels"):
         lines.append(
             "channels: " + ", ".join(f"{n} {c['used']}/{c['capacity']}" for n, c in channels.items())

@@ -137,6 +137,7 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
                 and doc["status"] == "ok"
                 and doc["actors"]["writer"]["events_total"] > 0
                 and doc.get("portfolio", {}).get("total", {}).get("positions", 0) > 0
+                and all(doc["actors"][b].get("connection") == "connected" for b in ("ibkr", "tastytrade"))
             ):
                 return doc
             return None
@@ -165,6 +166,8 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
         assert set(portfolio["by_underlying"]) >= {"SPY", "SPX"}
         assert "portfolio (as of 20" in human.stdout
         assert "\ndatabase: " in human.stdout
+        for broker in ("ibkr", "tastytrade"):
+            assert f"\n{broker}: connected (simulated), accounts " in human.stdout
         assert "\n  total " in human.stdout
         raw = run_status("--json", env=env)
         assert raw.returncode == 0
