@@ -25,7 +25,7 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("book (merge, fan-out, rows)", ("normalize/book.py", "normalize/bsm.py", "normalize/model.py")),
     ("conflate/outbox", ("normalize/conflate.py",)),
     ("normalizer actor loop", ("actors/normalizer.py",)),
-    ("writer encode (rows -> records)", ("db/batch.py", "db/latency.py")),
+    ("writer encode (rows -> records)", ("db/batch.py", "db/latency.py", "db/encode.py")),
     ("database (asyncpg, COPY, commit)", ("db/copy.py", "asyncpg/", "actors/writer.py")),
     ("channel (anyio memory streams)", ("anyio/streams/memory.py",)),
     ("wire (websockets / aiohttp)", ("websockets/", "aiohttp/")),
