@@ -1,8 +1,12 @@
 """The writer actor: row batches from the ``rows`` channel into PostgreSQL, one commit per batch.
 
+Items on ``rows`` are :class:`~normalize.events.RowsBatch` values (rows, positions snapshots,
+stream session events: one per normalizer flush) or plain sequences of ``GreeksSnapshot`` rows.
 Loop: wait for one item, drain what is already queued (up to ``batch_max_rows`` rows or
-``batch_max_delay_ms`` of draining), then COPY + upsert + record batch id + commit
-(:func:`db.copy.write_batch`), record tick-to-commit latency, report.
+``batch_max_delay_ms`` of draining), then write it as one exactly-once batch
+(:func:`db.copy.write_batch`: one statement for small batches, a transaction with COPY for large
+ones or when positions, sessions or first-seen positions come along), record tick-to-commit
+latency per row, report. Position ids are cached for the connection's life.
 
 Database away (network, restart, too many connections): the failed batch and every following
 one go to a bounded in-memory buffer; past ``buffer_max_rows`` the buffer is moved to the fsync'ed
@@ -18,17 +22,21 @@ nothing is lost; the engine is degraded until the database appears. A spool left
 run is replayed in the background after connecting.
 
 Stop: when the channel ends (the supervisor's drain) everything received is committed, or
-spooled if the database is away, and ``run`` returns. On cancellation the same happens within
-``shutdown_budget_s`` under a shielded scope; what cannot be committed in time is spooled.
+spooled if the database is away, and ``run`` returns. Stream sessions this run saw start and
+never saw end are closed with reason ``engine_stopped`` in that last batch. On cancellation the
+same happens within ``shutdown_budget_s`` under a shielded scope; what cannot be committed in
+time is spooled.
 """
 
 from __future__ import annotations
 
 import operator
+import os
+import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -38,18 +46,28 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from config.settings import DatabaseSettings
 from db import copy as dbcopy
-from db.batch import Batch, BatchBuilder, clean_rows, days_of, partition_days, retention_cutoff, utc_day
+from db.batch import (
+    Batch,
+    BatchBuilder,
+    Pending,
+    clean_rows,
+    days_of,
+    partition_days,
+    retention_cutoff,
+    utc_day,
+)
+from db.encode import Dimensions, session_ok, snapshot_ok
 from db.latency import LatencyTracker
 from db.migrate import migrate
 from db.spool import Spool
-from normalize.model import GreeksSnapshot
+from normalize.events import SessionEnded, SessionStarted
 from supervisor.context import ActorContext
 from supervisor.errors import FatalError
 from supervisor.spec import RunFn
 
 UPKEEP_INTERVAL_S = 3600.0
+ENGINE_STOPPED = "engine_stopped"  # end_reason of the sessions the writer closes at its drain
 _received_ts = operator.attrgetter("received_ts")
-_DATA_ERROR_CLASSES = ("22", "23")  # data exception, integrity violation: the batch itself is bad
 _MAX_REPLAY_ERRORS = 5  # unclassified PostgreSQL errors retried per recovery before crashing
 
 
@@ -126,6 +144,10 @@ class _Writer:
         self.builder = BatchBuilder(settings.batch_max_rows, settings.batch_max_delay_ms / 1000)
         self.latency = LatencyTracker()
         self.known_days: set[Any] = set()
+        self.dims = Dimensions()  # position ids, cleared on every (re)connect
+        self.pid = os.getpid()
+        self.engine_host = socket.gethostname()
+        self.open_sessions: dict[str, SessionStarted] = {}  # started in this run, not yet ended
         self.next_upkeep = 0.0
         self.down_since: float | None = None
 
@@ -235,21 +257,42 @@ class _Writer:
             if eof:
                 return
 
-    async def _clean_and_buffer(self, rows: list[GreeksSnapshot]) -> Batch | None:
-        """NaN/inf values become None (counted); the storable rows become a batch, appended to the
-        in-memory buffer at once (returned, None if there are none); the rest is set aside."""
+    async def _clean_and_buffer(self, taken: Pending) -> Batch | None:
+        """NaN/inf values become None (counted); the storable rows, positions snapshots and
+        session events become a batch, appended to the in-memory buffer at once (returned, None
+        if there is nothing); the rest is set aside."""
+        rows = taken.rows
         cleaned = clean_rows(rows)
         if cleaned.values_cleared:
             self.nonfinite_values += cleaned.values_cleared
             self.log.warning("nonfinite_values_cleared", values=cleaned.values_cleared, rows=len(rows))
+        positions = [p for p in taken.positions if snapshot_ok(p)]
+        sessions = [e for e in taken.sessions if session_ok(e)]
+        bad_positions = [p for p in taken.positions if not snapshot_ok(p)]
+        bad_sessions = [e for e in taken.sessions if not session_ok(e)]
+        for event in sessions:
+            if isinstance(event, SessionStarted):
+                self.open_sessions[event.session_id] = event
+            else:
+                self.open_sessions.pop(event.session_id, None)
         batch = None
-        if cleaned.rows:
-            batch = Batch(uuid.uuid4(), cleaned.rows)
+        if cleaned.rows or positions or sessions:
+            batch = self._batch(cleaned.rows, tuple(positions), tuple(sessions))
             self._buffer(batch)
-        if cleaned.rejected:
-            reason = ValueError("event_ts, received_ts, quantity or multiplier is not a finite number")
-            await self._reject(Batch(uuid.uuid4(), cleaned.rejected), reason)
+        if cleaned.rejected or bad_positions or bad_sessions:
+            reason = ValueError(
+                "a non-finite time, quantity or multiplier, an unknown greeks_source, or a positions "
+                "snapshot or session event that cannot be stored"
+            )
+            await self._reject(
+                self._batch(cleaned.rejected, tuple(bad_positions), tuple(bad_sessions)), reason
+            )
         return batch
+
+    def _batch(self, rows: Any, positions: tuple[Any, ...] = (), sessions: tuple[Any, ...] = ()) -> Batch:
+        if sessions:
+            return Batch(uuid.uuid4(), rows, positions, sessions, self.pid, self.engine_host)
+        return Batch(uuid.uuid4(), rows, positions)
 
     async def _submit(self, batch: Batch) -> None:
         """``batch`` is already in the buffer: it leaves it only once committed (or set aside as
@@ -304,7 +347,9 @@ class _Writer:
         if missing:
             await dbcopy.ensure_partitions(conn, missing)
             self.known_days |= missing
-        fresh = await dbcopy.write_batch(conn, batch, replayed=replayed, before_commit=self.before_commit)
+        fresh = await dbcopy.write_batch(
+            conn, batch, dims=self.dims, replayed=replayed, before_commit=self.before_commit
+        )
         committed_at = self.clock()
         n = len(batch.rows)
         if fresh:
@@ -312,8 +357,9 @@ class _Writer:
             self.batches_total += 1
             if replayed:
                 self.replayed_rows += n
-            self.latency.record_commit(map(_received_ts, batch.rows), committed_at)
-            self.ctx.record_events(n)
+            if n:
+                self.latency.record_commit(map(_received_ts, batch.rows), committed_at)
+                self.ctx.record_events(n)
             self.log.debug("batch_committed", rows=n, batch_id=str(batch.batch_id))
         else:
             self.duplicate_batches += 1
@@ -373,6 +419,8 @@ class _Writer:
             "batch_rejected",
             error=_err(exc),
             rows=len(batch.rows),
+            positions_snapshots=len(batch.positions),
+            session_events=len(batch.sessions),
             batch_id=str(batch.batch_id),
             kept_in=str(self.rejected.directory),
         )
@@ -550,6 +598,7 @@ class _Writer:
 
     async def _connect_and_prepare(self) -> Any:
         conn = await dbcopy.connect(self.dsn, connect_timeout_s=self.connect_timeout_s)
+        self.dims.clear()  # ids are re-read from this database
         try:
             await migrate(conn)
             self.known_days = await dbcopy.existing_partition_days(conn)
@@ -603,9 +652,14 @@ class _Writer:
         self.stopping = True
         committed = 0
         try:
-            rows = self.builder.take()
-            rows.extend(self._drain_channel_nowait())
-            await self._clean_and_buffer(rows)
+            taken = self.builder.take()
+            self._drain_channel_nowait(taken)
+            now = self.clock()
+            taken.sessions.extend(
+                SessionEnded(s.broker, s.session_id, now, ENGINE_STOPPED, 0)
+                for s in self.open_sessions.values()
+            )
+            await self._clean_and_buffer(taken)
             if self._recovery_scope is not None:
                 self._recovery_scope.cancel()  # also one scheduled but not yet running
             if self.recovering:
@@ -636,17 +690,16 @@ class _Writer:
                     rows_total=self.rows_total,
                 )
 
-    def _drain_channel_nowait(self) -> list[GreeksSnapshot]:
+    def _drain_channel_nowait(self, into: Pending) -> None:
         rx = self.ctx.receivers.get("rows")
-        out: list[GreeksSnapshot] = []
         if rx is None:
-            return out
+            return
         while True:
             try:
-                item: Sequence[GreeksSnapshot] = rx.receive_nowait()
+                item = rx.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                return out
-            out.extend(item)
+                return
+            into.add(item)
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -688,10 +741,7 @@ class _Writer:
 
 
 def _is_data_error(exc: BaseException) -> bool:
-    if not isinstance(exc, asyncpg.PostgresError):
-        return False
-    code = getattr(exc, "sqlstate", None) or ""
-    return code.startswith(_DATA_ERROR_CLASSES)
+    return dbcopy.is_data_error(exc)
 
 
 def _err(exc: BaseException | None) -> str | None:
