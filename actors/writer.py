@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 from anyio.abc import TaskStatus
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
@@ -51,12 +52,13 @@ from db.batch import (
     BatchBuilder,
     Pending,
     clean_rows,
+    days_between,
     days_of,
     partition_days,
     retention_cutoff,
     utc_day,
 )
-from db.encode import Dimensions, session_ok, snapshot_ok
+from db.encode import RECEIVED_TS, BatchDataError, Dimensions, Prepared, session_ok, snapshot_ok
 from db.latency import LatencyTracker
 from db.migrate import migrate
 from db.spool import Spool
@@ -82,9 +84,11 @@ def make_writer(
     publish_interval_s: float = 0.25,
     shutdown_budget_s: float = 5.0,
     before_commit: dbcopy.Hook | None = None,
+    copy_min_rows: int = dbcopy.COPY_MIN_ROWS,
 ) -> RunFn:
     """The writer's ``RunFn``. ``before_commit`` is a test seam (runs inside each batch's
-    transaction after the writes); ``clock`` must be the clock of ``GreeksSnapshot.received_ts``."""
+    transaction after the writes); ``clock`` must be the clock of ``GreeksSnapshot.received_ts``;
+    ``copy_min_rows``: batches of at least this many rows go by COPY (tests, benchmarks)."""
 
     async def run(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
         writer = _Writer(
@@ -98,6 +102,7 @@ def make_writer(
             publish_interval_s=publish_interval_s,
             shutdown_budget_s=shutdown_budget_s,
             before_commit=before_commit,
+            copy_min_rows=copy_min_rows,
         )
         await writer.run(task_status)
 
@@ -118,6 +123,7 @@ class _Writer:
         publish_interval_s: float,
         shutdown_budget_s: float,
         before_commit: dbcopy.Hook | None,
+        copy_min_rows: int,
     ) -> None:
         self.settings = settings
         self.dsn = dsn
@@ -130,6 +136,7 @@ class _Writer:
         self.publish_interval_s = publish_interval_s
         self.shutdown_budget_s = shutdown_budget_s
         self.before_commit = before_commit
+        self.copy_min_rows = copy_min_rows
 
         self.conn: Any = None  # asyncpg.Connection while we hold one
         self.db_up = False  # live batches go straight to the database
@@ -161,6 +168,7 @@ class _Writer:
         self.last_publish = 0.0
 
         self._tg: Any = None
+        self._in_flight: anyio.Event | None = None  # set once the direct write in flight is done
         self._recovery_scope: anyio.CancelScope | None = None
         self._recovery_done = anyio.Event()
         self._spool_lost_seen = 0
@@ -250,17 +258,50 @@ class _Writer:
                 self.builder.add(item)
             # The batch is in the buffer before any await: cancelled or crashed from here on,
             # the shutdown drain commits or spools it.
-            batch = await self._clean_and_buffer(self.builder.take())
+            batch, cols = await self._clean_and_buffer(self.builder.take())
             if batch is not None:
-                await self._submit(batch)
+                # Encoded while the previous batch is still in the database; then written once
+                # that one is done (one write at a time on the connection, in order).
+                prepared = await self._prepare(batch, cols)
+                await self._write_done()
+                self._start_submit(batch, prepared)
             self._maybe_publish()
             if eof:
                 return
 
-    async def _clean_and_buffer(self, taken: Pending) -> Batch | None:
+    async def _prepare(self, batch: Batch, cols: Any) -> Prepared | None:
+        """The batch's encoding (COPY stream included), yielding to the write in flight between
+        chunks; None when it will not be written directly (it is then encoded when replayed)."""
+        if not self.db_up or self.recovering:
+            return None
+        prepared = Prepared(batch, self.dims, self.copy_min_rows, cols)
+        try:
+            for _ in prepared.steps(self.dims, eager=True):
+                await anyio.lowlevel.checkpoint()
+        except BatchDataError:
+            return None  # raised again by the write, which sets the batch aside
+        return prepared
+
+    def _start_submit(self, batch: Batch, prepared: Prepared | None) -> None:
+        done = self._in_flight = anyio.Event()
+
+        async def submit() -> None:
+            try:
+                await self._submit(batch, prepared)
+            finally:
+                done.set()
+
+        self._tg.start_soon(submit)
+
+    async def _write_done(self) -> None:
+        if self._in_flight is not None:
+            await self._in_flight.wait()
+
+    async def _clean_and_buffer(self, taken: Pending) -> tuple[Batch | None, Any]:
         """NaN/inf values become None (counted); the storable rows, positions snapshots and
         session events become a batch, appended to the in-memory buffer at once (returned, None
-        if there is nothing); the rest is set aside."""
+        if there is nothing, with the rows transposed when that was computed on the way); the
+        rest is set aside."""
         rows = taken.rows
         cleaned = clean_rows(rows)
         if cleaned.values_cleared:
@@ -287,19 +328,20 @@ class _Writer:
             await self._reject(
                 self._batch(cleaned.rejected, tuple(bad_positions), tuple(bad_sessions)), reason
             )
-        return batch
+        return batch, cleaned.columns
 
     def _batch(self, rows: Any, positions: tuple[Any, ...] = (), sessions: tuple[Any, ...] = ()) -> Batch:
         if sessions:
             return Batch(uuid.uuid4(), rows, positions, sessions, self.pid, self.engine_host)
         return Batch(uuid.uuid4(), rows, positions)
 
-    async def _submit(self, batch: Batch) -> None:
+    async def _submit(self, batch: Batch, prepared: Prepared | None = None) -> None:
         """``batch`` is already in the buffer: it leaves it only once committed (or set aside as
-        bad data). On the direct path the buffer holds only this batch."""
-        if self.db_up and not self.recovering and self.memory and self.memory[-1] is batch:
+        bad data). On the direct path it is the oldest batch in the buffer (the next one may be
+        buffered already, being prepared)."""
+        if self.db_up and not self.recovering and self.memory and self.memory[0] is batch:
             try:
-                await self._write(batch)
+                await self._write(batch, prepared=prepared)
             except Exception as exc:
                 if _is_data_error(exc):
                     self._unbuffer(batch)
@@ -336,19 +378,28 @@ class _Writer:
         if self.memory_rows > self.settings.buffer_max_rows:
             await self._spill()
 
-    async def _write(self, batch: Batch, *, replayed: bool = False) -> bool:
+    async def _write(self, batch: Batch, *, replayed: bool = False, prepared: Prepared | None = None) -> bool:
         conn = self.conn
         if conn is None:
             raise ConnectionError("no database connection")
         now = self.clock()
         if now >= self.next_upkeep:
             await self._upkeep(conn, now)
-        missing = days_of(batch.rows) - self.known_days
+        days = None
+        if prepared is not None and batch.rows:
+            days = days_between(prepared.facts.min_event_ts, prepared.facts.max_event_ts)  # type: ignore[arg-type]
+        missing = (days or days_of(batch.rows)) - self.known_days
         if missing:
             await dbcopy.ensure_partitions(conn, missing)
             self.known_days |= missing
         fresh = await dbcopy.write_batch(
-            conn, batch, dims=self.dims, replayed=replayed, before_commit=self.before_commit
+            conn,
+            batch,
+            dims=self.dims,
+            replayed=replayed,
+            before_commit=self.before_commit,
+            copy_min_rows=self.copy_min_rows,
+            prepared=prepared,
         )
         committed_at = self.clock()
         n = len(batch.rows)
@@ -358,7 +409,10 @@ class _Writer:
             if replayed:
                 self.replayed_rows += n
             if n:
-                self.latency.record_commit(map(_received_ts, batch.rows), committed_at)
+                received = (
+                    prepared.cols[RECEIVED_TS] if prepared is not None else map(_received_ts, batch.rows)
+                )
+                self.latency.record_commit(received, committed_at)
                 self.ctx.record_events(n)
             self.log.debug("batch_committed", rows=n, batch_id=str(batch.batch_id))
         else:
@@ -652,6 +706,8 @@ class _Writer:
         self.stopping = True
         committed = 0
         try:
+            with anyio.move_on_after(max(0.1, self.shutdown_budget_s / 4)):
+                await self._write_done()  # the batch in flight is committed, or back to buffer
             taken = self.builder.take()
             self._drain_channel_nowait(taken)
             now = self.clock()

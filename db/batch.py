@@ -21,10 +21,11 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
+from itertools import chain
 from typing import Any
 
 from normalize.events import PositionsSnapshot, RowsBatch, SessionEvent
-from normalize.model import GreeksSnapshot, GreeksSource
+from normalize.model import SNAPSHOT_FIELDS, GreeksSnapshot, GreeksSource
 
 _event_ts = operator.attrgetter("event_ts")
 _EPOCH_DAY = date(1970, 1, 1)
@@ -51,6 +52,13 @@ class Batch:
         return not (self.rows or self.positions or self.sessions)
 
 
+def transpose(rows: Sequence[GreeksSnapshot]) -> list[tuple[Any, ...]]:
+    """``rows`` by field: ``transpose(rows)[i]`` holds field ``i`` of every row (one C call)."""
+    if not rows:
+        return [() for _ in SNAPSHOT_FIELDS]
+    return list(zip(*rows, strict=True))
+
+
 def posix_to_us(ts: float) -> int:
     """POSIX seconds to integer microseconds since 1970, rounded exactly like
     ``datetime.fromtimestamp`` (the fraction alone is scaled, then rounded half to even)."""
@@ -61,6 +69,12 @@ def posix_to_us(ts: float) -> int:
 def utc_day(ts: float) -> date:
     """The UTC calendar day of POSIX time ``ts`` (the history partition it belongs to)."""
     return _EPOCH_DAY + timedelta(days=int(ts // 86400))
+
+
+def days_between(first_ts: float, last_ts: float) -> set[date] | None:
+    """The one UTC day of both times, or None when they fall on different days."""
+    first, last = utc_day(first_ts), utc_day(last_ts)
+    return {first} if first == last else None
 
 
 def days_of(rows: Iterable[GreeksSnapshot]) -> set[date]:
@@ -161,12 +175,18 @@ class BatchBuilder:
 # NaN and infinities are "no value" in the canonical model (None). One slipping through would turn
 # every portfolio sum it touches into NaN, so the writer checks each batch before writing.
 
+# The stored ones: pos_* exposures are derived by the views, not stored (non-finite ones pass).
 NULLABLE_FLOAT_FIELDS: tuple[str, ...] = (
     "strike", "bid", "ask", "last", "mark", "underlying_price", "iv", "delta", "gamma", "theta",
-    "vega", "rho", "pos_delta", "pos_gamma", "pos_theta", "pos_vega",
+    "vega", "rho",
 )  # fmt: skip
 REQUIRED_FLOAT_FIELDS: tuple[str, ...] = ("multiplier", "quantity", "event_ts", "received_ts")
-_checked = operator.attrgetter(*REQUIRED_FLOAT_FIELDS, *NULLABLE_FLOAT_FIELDS)
+# itemgetter, not attrgetter: a GreeksSnapshot is a tuple (about half the cost per row).
+_CHECKED_IDX = tuple(SNAPSHOT_FIELDS.index(f) for f in (*REQUIRED_FLOAT_FIELDS, *NULLABLE_FLOAT_FIELDS))
+_SOURCE_IDX = SNAPSHOT_FIELDS.index("greeks_source")
+_checked = operator.itemgetter(
+    *(SNAPSHOT_FIELDS.index(f) for f in (*REQUIRED_FLOAT_FIELDS, *NULLABLE_FLOAT_FIELDS))
+)
 
 
 def _all_finite(values: tuple[Any, ...]) -> bool:
@@ -183,10 +203,10 @@ class Cleaned:
     rows: list[GreeksSnapshot]
     values_cleared: int  # NaN/inf values replaced by None
     rejected: list[GreeksSnapshot]  # no finite time, quantity or multiplier, or an unknown greeks_source
+    columns: list[tuple[Any, ...]] | None = None  # transpose(rows), when it was computed
 
 
 GREEKS_SOURCES = frozenset({None, *(s.value for s in GreeksSource)})
-_source = operator.attrgetter("greeks_source")
 
 
 def clean_rows(rows: list[GreeksSnapshot]) -> Cleaned:
@@ -194,19 +214,24 @@ def clean_rows(rows: list[GreeksSnapshot]) -> Cleaned:
     non-finite time, quantity or multiplier; a ``greeks_source`` that is not a
     :class:`~normalize.model.GreeksSource` value or ``None``).
 
-    The fast path is one ``fsum`` per row over its float fields and one set of the batch's
-    sources; only a row whose sum is not finite (NaN, an infinity, or finite values that overflow)
-    or whose source is unknown is looked at field by field.
+    The fast path is one sum over every float value of the batch (finite: nothing to do; NaN,
+    an infinity, or finite values whose sum overflows: look row by row) and one set of the
+    batch's sources; only a suspect row is looked at field by field.
     """
-    suspects = {i for i, row in enumerate(rows) if not _all_finite(_checked(row))}
+    cols = transpose(rows)
     try:
-        sources_ok = set(map(_source, rows)) <= GREEKS_SOURCES
+        batch_ok = math.isfinite(sum(filter(None, chain.from_iterable(cols[i] for i in _CHECKED_IDX))))
+    except TypeError:  # a value that is not a number
+        batch_ok = False
+    suspects = set() if batch_ok else {i for i, row in enumerate(rows) if not _all_finite(_checked(row))}
+    try:
+        sources_ok = set(cols[_SOURCE_IDX]) <= GREEKS_SOURCES
     except TypeError:  # an unhashable value
         sources_ok = False
     if not sources_ok:
         suspects.update(i for i, row in enumerate(rows) if not _known_source(row.greeks_source))
     if not suspects:
-        return Cleaned(rows, 0, [])
+        return Cleaned(rows, 0, [], cols)
     kept: list[GreeksSnapshot] = []
     rejected: list[GreeksSnapshot] = []
     cleared = 0
@@ -237,4 +262,4 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-_required = operator.attrgetter(*REQUIRED_FLOAT_FIELDS)
+_required = operator.itemgetter(*(SNAPSHOT_FIELDS.index(f) for f in REQUIRED_FLOAT_FIELDS))

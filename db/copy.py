@@ -21,7 +21,7 @@ Also the partition upkeep the writer runs, and the classification of database er
 from __future__ import annotations
 
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -29,15 +29,11 @@ import asyncpg
 
 from db import encode
 from db.batch import Batch, posix_to_us
-from db.encode import HISTORY_COLUMNS, MATRIX_ROWS, Dimensions
+from db.encode import HISTORY_COLUMNS, MATRIX_ROWS, BatchDataError, Dimensions
 from normalize.events import PositionsSnapshot
 
 # Below this many rows a batch goes in one statement; from it on, its history goes by COPY.
 COPY_MIN_ROWS = 500
-
-
-class BatchDataError(ValueError):
-    """A batch that can never be stored as it is (a value out of a column's range): set aside."""
 
 
 def _exact_ts(x: str) -> str:
@@ -318,7 +314,11 @@ async def connect(dsn: str, *, connect_timeout_s: float = 10.0, command_timeout:
         dsn,
         timeout=connect_timeout_s,
         command_timeout=command_timeout,
-        server_settings={"synchronous_commit": "on", "application_name": "greeks-writer"},
+        server_settings={
+            "synchronous_commit": "on",
+            "application_name": "greeks-writer",
+            "plan_cache_mode": "force_generic_plan",
+        },
     )
     try:
         await prepare_connection(conn)
@@ -336,14 +336,16 @@ async def write_batch(
     replayed: bool = False,
     before_commit: Hook | None = None,
     copy_min_rows: int = COPY_MIN_ROWS,
+    prepared: encode.Prepared | None = None,
 ) -> bool:
     """Commit ``batch`` exactly once; False when its id was already committed (nothing written).
 
     ``dims`` caches position ids across calls (pass the same one for a connection's life;
-    None: resolve every position). ``before_commit`` runs after the writes, inside the
-    transaction (a test seam for crashing before COMMIT); it forces the transaction path.
-    ``conn`` is prepared on first use (:func:`prepare_connection`) if it was not opened with
-    :func:`connect`.
+    None: resolve every position). ``prepared``: the batch's encoding built ahead
+    (:class:`db.encode.Prepared`; ignored when ``dims`` was cleared since). ``before_commit``
+    runs after the writes, inside the transaction (a test seam for crashing before COMMIT); it
+    forces the transaction path. ``conn`` is prepared on first use (:func:`prepare_connection`)
+    if it was not opened with :func:`connect`.
 
     Raises:
         BatchDataError: a value no column can hold (a Greek beyond the float4 range).
@@ -352,26 +354,30 @@ async def write_batch(
         await prepare_connection(conn)
     if dims is None:
         dims = Dimensions()
-    rows = batch.rows
-    keys = list(map(encode.row_position_key, rows))
-    pids = dims.lookup(keys)
-    accounts = encode.fold_positions(batch.positions) if batch.positions else []
-    missing = dims.missing([*keys, *encode.positions_keys(accounts)]) if None in pids or accounts else []
-    large = len(rows) >= copy_min_rows
-    if not (missing or accounts or batch.sessions or before_commit or large):
-        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(batch, replayed), *_rows(batch, pids)))  # type: ignore[arg-type]
+    p = prepared
+    if (
+        p is None
+        or p.batch is not batch
+        or not p.valid_for(dims)
+        or p.large != (len(batch.rows) >= copy_min_rows)
+    ):
+        p = encode.Prepared(batch, dims, copy_min_rows).run(dims)
+    missing = p.missing(dims)
+    if not missing:
+        p.resolve(dims.positions)  # ids that arrived since it was prepared (a no-op usually)
+    if not (missing or p.accounts or batch.sessions or before_commit or p.large):
+        assert p.rows_args is not None
+        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(p, replayed), *p.rows_args))
     created: dict[encode.PositionKey, int] = {}
     async with conn.transaction():
         if missing:
-            created = await _resolve(conn, missing)
-            known = {**dims.positions, **created}
-            pids = list(map(known.__getitem__, keys))
-        fresh = await _write_rows(conn, batch, replayed, pids, large)  # type: ignore[arg-type]
+            created = await resolve_positions(conn, missing)
+            p.resolve({**dims.positions, **created})
+        fresh = await _write_rows(conn, p, replayed)
         if fresh:
-            if accounts:
-                await conn.fetchval(
-                    APPLY_POSITIONS, *encode.positions_params(accounts, {**dims.positions, **created})
-                )
+            if p.accounts:
+                ids = {**dims.positions, **created}
+                await conn.fetchval(APPLY_POSITIONS, *encode.positions_params(p.accounts, ids))
             if batch.sessions:
                 starts, ends = encode.fold_sessions(batch.sessions)
                 if starts:
@@ -384,10 +390,10 @@ async def write_batch(
     return fresh
 
 
-def _ledger(batch: Batch, replayed: bool) -> tuple[Any, ...]:
-    f = encode.facts(batch.rows)
+def _ledger(p: encode.Prepared, replayed: bool) -> tuple[Any, ...]:
+    f = p.facts
     return (
-        batch.batch_id,
+        p.batch.batch_id,
         f.row_count,
         f.min_event_ts,
         f.max_event_ts,
@@ -397,36 +403,41 @@ def _ledger(batch: Batch, replayed: bool) -> tuple[Any, ...]:
     )
 
 
-def _rows(batch: Batch, pids: list[int]) -> tuple[Any, ...]:
-    """Every row, the newest of each position flagged for the latest upsert."""
-    rows = batch.rows
-    return encode.matrix(rows, pids, encode.newest_indexes(rows, pids)), encode.seqs(rows)
-
-
-def _newest(batch: Batch, pids: list[int]) -> tuple[Any, ...]:
-    """The newest row of each position only (the latest upsert of a COPY batch)."""
-    idx = encode.newest_indexes(batch.rows, pids)
-    rows = [batch.rows[i] for i in idx]
-    return encode.matrix(rows, [pids[i] for i in idx], None), encode.seqs(rows)
-
-
-async def _write_rows(
-    conn: asyncpg.Connection, batch: Batch, replayed: bool, pids: list[int], large: bool
-) -> bool:
-    """Ledger row, latest upsert and history rows (by COPY when ``large``); False: a duplicate."""
-    if not large:
-        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(batch, replayed), *_rows(batch, pids)))
-    if not await conn.fetchval(WRITE_LEDGER_AND_LATEST, *_ledger(batch, replayed), *_newest(batch, pids)):
+async def _write_rows(conn: asyncpg.Connection, p: encode.Prepared, replayed: bool) -> bool:
+    """Ledger row, latest upsert and history rows (by COPY when large); False: a duplicate."""
+    if not p.large:
+        assert p.rows_args is not None
+        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(p, replayed), *p.rows_args))
+    assert p.latest_args is not None
+    if not await conn.fetchval(WRITE_LEDGER_AND_LATEST, *_ledger(p, replayed), *p.latest_args):
         return False
-    try:
-        # Lazy records: built while encoded, so that the server digests each chunk sent while
-        # the next is built (COPY streams in ~512 kB chunks).
-        await conn.copy_records_to_table(
-            "greeks_history", records=encode.copy_records(batch.rows, pids), columns=HISTORY_COLUMNS
-        )
-    except ValueError as exc:  # asyncpg refusing a value (a float4 overflow) before sending it
-        raise BatchDataError(f"a value does not fit its column: {exc}") from exc
+    refused: list[BatchDataError] = []
+    # Prepared ahead, or built chunk by chunk while sent (the server digests each chunk while
+    # the next is built).
+    source = _sent(p.payload) if p.payload is not None else _chunks(p, refused)
+    await conn.copy_to_table("greeks_history", source=source, columns=HISTORY_COLUMNS, format="binary")
+    if refused:
+        raise refused[0]  # rolls the transaction back
     return True
+
+
+async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _chunks(p: encode.Prepared, refused: list[BatchDataError]) -> AsyncIterator[bytes]:
+    """The COPY stream, built as sent. A value the encoder refuses ends the stream early, without
+    an exception inside asyncpg's COPY (which would send CopyFail plus an out-of-band cancel
+    request that can hit a later statement): the caller raises it after COPY returns, and the
+    transaction rolls back."""
+    chunks = encode.copy_payload(p.cols, p.pids)  # type: ignore[arg-type]  # complete here
+    try:
+        for chunk in chunks:
+            yield chunk
+    except BatchDataError as exc:
+        refused.append(exc)
+        yield encode.COPY_TRAILER
 
 
 async def apply_positions(
@@ -442,7 +453,7 @@ async def apply_positions(
     async with conn.transaction():
         missing = dims.missing(encode.positions_keys(accounts))
         if missing:
-            created = await _resolve(conn, missing)
+            created = await resolve_positions(conn, missing)
         applied = await conn.fetchval(
             APPLY_POSITIONS, *encode.positions_params(accounts, {**dims.positions, **created})
         )
@@ -450,8 +461,11 @@ async def apply_positions(
     return int(applied)
 
 
-async def _resolve(conn: asyncpg.Connection, keys: list[encode.PositionKey]) -> dict[encode.PositionKey, int]:
-    """Create (or find) the instrument and position rows of ``keys``; their position ids."""
+async def resolve_positions(
+    conn: asyncpg.Connection, keys: list[encode.PositionKey]
+) -> dict[encode.PositionKey, int]:
+    """Create (or find) the instrument and position rows of ``keys`` (unique, in
+    :meth:`~db.encode.Dimensions.missing` order); their position ids. Commit before caching them."""
     instruments = encode.instrument_ids(
         await conn.fetch(RESOLVE_INSTRUMENTS, *encode.instrument_params(keys))
     )

@@ -124,13 +124,14 @@ class TestCleanRows:
     @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
     def test_nonfinite_optional_values_become_none(self, bad: float) -> None:
         good = row(1)
-        dirty = row(2)._replace(delta=bad, iv=bad, bid=bad, pos_vega=bad)
+        # pos_* exposures are not stored (the views derive them): not cleared, not counted.
+        dirty = row(2)._replace(delta=bad, iv=bad, bid=bad, rho=bad, pos_vega=bad)
         cleaned = clean_rows([good, dirty])
         assert cleaned.values_cleared == 4
         assert cleaned.rejected == []
         assert cleaned.rows[0] is good
         fixed = cleaned.rows[1]
-        assert (fixed.delta, fixed.iv, fixed.bid, fixed.pos_vega) == (None, None, None, None)
+        assert (fixed.delta, fixed.iv, fixed.bid, fixed.rho) == (None, None, None, None)
         assert fixed.gamma == dirty.gamma
         assert fixed.seq == dirty.seq
 
