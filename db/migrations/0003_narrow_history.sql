@@ -268,7 +268,14 @@ ALTER TABLE stream_sessions ADD COLUMN session_key text;
 ALTER TABLE stream_sessions ADD COLUMN engine_host text;
 ALTER TABLE stream_sessions ADD CONSTRAINT stream_sessions_session_key UNIQUE (session_key);
 
--- 6. Views -------------------------------------------------------------------------------------
+-- 6. Ledger -------------------------------------------------------------------------------------
+
+-- committed_at only ever grows: a BRIN finds old ledger rows for a few kB, where the btree of
+-- 0001 cost an entry (and page splits) per batch.
+DROP INDEX ingest_batches_committed_at;
+CREATE INDEX ingest_batches_committed_at_brin ON ingest_batches USING brin (committed_at);
+
+-- 7. Views -------------------------------------------------------------------------------------
 
 -- Positions that count: the latest rows of positions still held. An account covered by a
 -- positions snapshot counts only the listed, non-zero positions; an account without one counts
