@@ -385,3 +385,35 @@ SELECT bucket,
        sum(pos_vega)                             AS vega
 FROM last_per_minute
 GROUP BY bucket, underlying;
+
+-- The same for [from_ts, to_ts) only: the time range reaches the history scan (partitions pruned,
+-- the BRIN on time used), which a filter on the view's bucket column cannot do.
+CREATE FUNCTION portfolio_greeks_minutely_between(from_ts timestamptz, to_ts timestamptz)
+RETURNS TABLE (bucket timestamptz, underlying text, positions bigint, delta double precision,
+               dollar_delta double precision, gamma double precision, theta double precision,
+               vega double precision)
+LANGUAGE sql STABLE AS $$
+WITH per_position AS (
+    SELECT DISTINCT ON (h.position_id, date_trunc('minute', h.event_ts))
+           h.position_id, date_trunc('minute', h.event_ts) AS bucket, h.event_ts, h.received_ts,
+           h.quantity, h.underlying_price, h.delta, h.gamma, h.theta, h.vega
+    FROM greeks_history h
+    WHERE h.event_ts >= from_ts AND h.event_ts < to_ts
+    ORDER BY h.position_id, date_trunc('minute', h.event_ts), h.event_ts DESC, h.received_ts DESC
+), last_per_minute AS (
+    SELECT DISTINCT ON (k.broker, k.account, i.instrument, p.bucket)
+           p.bucket, i.underlying, p.underlying_price,
+           p.delta::numeric::double precision * p.quantity * i.multiplier AS pos_delta,
+           p.gamma::numeric::double precision * p.quantity * i.multiplier AS pos_gamma,
+           p.theta::numeric::double precision * p.quantity * i.multiplier AS pos_theta,
+           p.vega::numeric::double precision * p.quantity * i.multiplier  AS pos_vega
+    FROM per_position p
+    JOIN position_keys k ON k.position_id = p.position_id
+    JOIN instruments i ON i.instrument_id = k.instrument_id
+    ORDER BY k.broker, k.account, i.instrument, p.bucket, p.event_ts DESC, p.received_ts DESC
+)
+SELECT bucket, underlying, count(*), sum(pos_delta), sum(pos_delta * underlying_price), sum(pos_gamma),
+       sum(pos_theta), sum(pos_vega)
+FROM last_per_minute
+GROUP BY bucket, underlying
+$$;

@@ -158,3 +158,33 @@ async def test_history_indexes_serve_the_real_queries(dsn: str) -> None:
         assert set(re.findall(r"greeks_history_p\d{8}", plan)) == {"greeks_history_p20261130"}, plan
     finally:
         await conn.close()
+
+
+async def test_minutely_between_equals_the_view_over_that_range(dsn: str) -> None:
+    await migrate(dsn)
+    conn = await connect(dsn)
+    try:
+        rows = clean_rows(400, start=START, n_instruments=9, step=2.5)  # ~17 minutes over midnight
+        await ensure_partitions(conn, days_of(rows))
+        await write_batch(conn, Batch(uuid.uuid4(), rows), dims=Dimensions())
+        lo = datetime.fromtimestamp(START, UTC).replace(second=0, microsecond=0) + timedelta(minutes=4)
+        hi = lo + timedelta(minutes=9)
+        view = await conn.fetch(
+            "SELECT * FROM portfolio_greeks_minutely WHERE bucket >= $1 AND bucket < $2 ORDER BY 1, 2", lo, hi
+        )
+        func = await conn.fetch(
+            "SELECT * FROM portfolio_greeks_minutely_between($1, $2) ORDER BY 1, 2", lo, hi
+        )
+        assert len(view) == 9 * 2  # nine minutes, two underlyings
+        assert_same_rows([dict(r) for r in func], [dict(r) for r in view])
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "EXPLAIN SELECT * FROM portfolio_greeks_minutely_between($1, $2)",
+                lo,
+                lo + timedelta(minutes=2),
+            )
+        )
+        assert set(re.findall(r"greeks_history_p\d{8}", plan)) == {"greeks_history_p20261130"}, plan
+    finally:
+        await conn.close()
