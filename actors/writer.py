@@ -85,10 +85,12 @@ def make_writer(
     shutdown_budget_s: float = 5.0,
     before_commit: dbcopy.Hook | None = None,
     copy_min_rows: int = dbcopy.COPY_MIN_ROWS,
+    pipeline: bool = True,
 ) -> RunFn:
     """The writer's ``RunFn``. ``before_commit`` is a test seam (runs inside each batch's
     transaction after the writes); ``clock`` must be the clock of ``GreeksSnapshot.received_ts``;
-    ``copy_min_rows``: batches of at least this many rows go by COPY (tests, benchmarks)."""
+    ``copy_min_rows``: batches of at least this many rows go by COPY; ``pipeline=False``: the
+    next batch is gathered only once the previous one is committed (tests, benchmarks)."""
 
     async def run(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
         writer = _Writer(
@@ -103,6 +105,7 @@ def make_writer(
             shutdown_budget_s=shutdown_budget_s,
             before_commit=before_commit,
             copy_min_rows=copy_min_rows,
+            pipeline=pipeline,
         )
         await writer.run(task_status)
 
@@ -124,6 +127,7 @@ class _Writer:
         shutdown_budget_s: float,
         before_commit: dbcopy.Hook | None,
         copy_min_rows: int,
+        pipeline: bool,
     ) -> None:
         self.settings = settings
         self.dsn = dsn
@@ -137,6 +141,7 @@ class _Writer:
         self.shutdown_budget_s = shutdown_budget_s
         self.before_commit = before_commit
         self.copy_min_rows = copy_min_rows
+        self.pipeline = pipeline
 
         self.conn: Any = None  # asyncpg.Connection while we hold one
         self.db_up = False  # live batches go straight to the database
@@ -265,6 +270,8 @@ class _Writer:
                 prepared = await self._prepare(batch, cols)
                 await self._write_done()
                 self._start_submit(batch, prepared)
+                if not self.pipeline:
+                    await self._write_done()
             self._maybe_publish()
             if eof:
                 return
@@ -274,6 +281,7 @@ class _Writer:
         chunks; None when it will not be written directly (it is then encoded when replayed)."""
         if not self.db_up or self.recovering:
             return None
+        await anyio.lowlevel.checkpoint()  # cleaning took its share: let the write in flight go on
         prepared = Prepared(batch, self.dims, self.copy_min_rows, cols)
         try:
             for _ in prepared.steps(self.dims, eager=True):

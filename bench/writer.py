@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
@@ -228,7 +229,8 @@ async def fresh_database(admin_dsn: str, name: str) -> str:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    dsn = admin_dsn.rsplit("/", 1)[0] + f"/{name}"
+    parts = urlsplit(admin_dsn)
+    dsn = urlunsplit(parts._replace(path=f"/{name}"))
     await migrate(dsn)
     return dsn
 
@@ -241,9 +243,17 @@ def _quiet_log() -> Any:
 
 
 async def run_writer(
-    dsn: str, rate: int, seconds: float, spool_dir: Path, factory: RowFactory, **writer_kwargs: Any
+    dsn: str,
+    rate: int,
+    seconds: float,
+    spool_dir: Path,
+    factory: RowFactory,
+    batch_max_rows: int | None = None,
+    **writer_kwargs: Any,
 ) -> Result:
-    settings = DatabaseSettings(spool_dir=spool_dir, batch_max_rows=5000)
+    settings = DatabaseSettings(spool_dir=spool_dir)  # the engine's defaults (BATCH_MAX_ROWS ...)
+    if batch_max_rows is not None:
+        settings = replace(settings, batch_max_rows=batch_max_rows)
     registry = StatusRegistry(mode="bench", clock=time.time)
     registry.add_actor("writer")
     tx, rx = anyio.create_memory_object_stream[Rows](CHANNEL_CAPACITY)
@@ -341,7 +351,7 @@ async def measure_size(
     dsn: str, spool_dir: Path, factory: RowFactory, n_rows: int = SIZE_ROWS
 ) -> dict[str, Any]:
     """``n_rows`` through the writer (as fast as it takes them), then bytes on disk per row."""
-    settings = DatabaseSettings(spool_dir=spool_dir, batch_max_rows=5000)
+    settings = DatabaseSettings(spool_dir=spool_dir)
     registry = StatusRegistry(mode="bench", clock=time.time)
     registry.add_actor("writer")
     tx, rx = anyio.create_memory_object_stream[Rows](CHANNEL_CAPACITY)
@@ -496,6 +506,11 @@ async def main(
                     if "writer" in modes:
                         db = await fresh_database(admin_dsn, "bench_writer")
                         runs.append(await run_writer(db, rate, seconds, spool_root / f"{rate}-{k}", factory))
+                    if "serial" in modes:  # the writer without pipelining, to measure what it brings
+                        db = await fresh_database(admin_dsn, "bench_writer")
+                        spool = spool_root / f"{rate}-{k}-serial"
+                        result = await run_writer(db, rate, seconds, spool, factory, pipeline=False)
+                        runs.append(replace(result, mode="serial"))
                     if "baseline" in modes:
                         db = await fresh_database(admin_dsn, "bench_writer")
                         runs.append(await run_baseline(db, rate, seconds, factory))
@@ -536,7 +551,9 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", default="1000,10000,100000,200000,400000")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--dsn", default=None, help="admin DSN of an existing server")
-    parser.add_argument("--modes", default="writer,baseline", help="writer, baseline or both")
+    parser.add_argument(
+        "--modes", default="writer,baseline", help="writer, baseline, serial (the writer without pipelining)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per rate and mode; medians shown")
     parser.add_argument("--size-rows", type=int, default=SIZE_ROWS, help="rows for bytes_per_row (0: skip)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default bench/out/writer.json)")

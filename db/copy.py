@@ -1,14 +1,15 @@
 """Writing batches with asyncpg into the narrow schema (0003), exactly once per batch id.
 
-Two write paths, chosen per batch (thresholds measured, see README "Benchmarks"):
+Two write paths, chosen per batch (the threshold measured: client plus server CPU per row):
 
 - **One statement** (batches below ``copy_min_rows`` rows whose positions are all known): one
   ``INSERT ... SELECT FROM unnest(...)`` with the ledger row and the latest-state upsert as CTEs,
   sent outside any explicit transaction: one round trip, atomic, committed on return
   (``synchronous_commit`` on). A duplicate batch id makes it a no-op.
 - **Transaction**: BEGIN; the dimension rows of first-seen positions; the ledger row and the latest
-  upsert (with the history rows too below ``copy_min_rows``); COPY of the history rows (large
-  batches); the positions snapshots and session events; COMMIT. Anything that is not plain rows
+  upsert (with the history rows too below ``copy_min_rows``); binary COPY of the history rows
+  (large batches; the stream built by :mod:`db.encode`); the positions snapshots and session
+  events; COMMIT. Anything that is not plain rows
   (positions, sessions, first-seen positions, the ``before_commit`` test seam) takes this path.
 
 Position ids come from the caller's :class:`~db.encode.Dimensions` cache; ids created by a
@@ -294,8 +295,9 @@ _prepared: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 async def prepare_connection(conn: asyncpg.Connection) -> None:
-    """Let ``conn`` take POSIX seconds for ``timestamptz`` (what :func:`db.batch.to_records`
-    produces); reads still return aware UTC datetimes. Idempotent; :func:`connect` calls it."""
+    """Let ``conn`` take POSIX seconds for ``timestamptz`` parameters (the ledger's times,
+    positions snapshots, sessions); reads still return aware UTC datetimes. Idempotent;
+    :func:`connect` calls it."""
     if conn in _prepared:
         return
     await conn.set_type_codec(
@@ -310,7 +312,9 @@ async def prepare_connection(conn: asyncpg.Connection) -> None:
 
 async def connect(dsn: str, *, connect_timeout_s: float = 10.0, command_timeout: float = 30.0) -> Any:
     """A writer connection: synchronous commit on, named for ``pg_stat_activity``, taking POSIX
-    seconds for ``timestamptz`` (:func:`prepare_connection`)."""
+    seconds for ``timestamptz`` (:func:`prepare_connection`), generic plans only (the write
+    statements take whole batches as array parameters: a custom plan would be planned again, the
+    arrays folded in, at every execution)."""
     conn = await asyncpg.connect(
         dsn,
         timeout=connect_timeout_s,

@@ -73,10 +73,14 @@ async def test_positions_and_sessions_travel_with_the_rows(dsn: str, db_settings
         async with anyio.create_task_group() as tg:
             await tg.start(harness.run)
             async with harness.send:
-                await harness.send.send(RowsBatch(rows, (positions(100.0, 0, 1, 2, 3),), (start, left_open)))
-                await harness.send.send(RowsBatch([], (positions(200.0, 1, 3),), (end,)))
-                await harness.send.send(RowsBatch([], (positions(150.0, 0, 1, 2, 3),), ()))
-                await harness.wait_for(lambda s: s["batches_total"] == 3)
+                items = [
+                    RowsBatch(rows, (positions(100.0, 0, 1, 2, 3),), (start, left_open)),
+                    RowsBatch([], (positions(200.0, 1, 3),), (end,)),
+                    RowsBatch([], (positions(150.0, 0, 1, 2, 3),), ()),
+                ]
+                for k, item in enumerate(items, 1):  # one batch each (queued items would merge)
+                    await harness.send.send(item)
+                    await harness.wait_for(lambda s, k=k: s["batches_total"] == k)
 
     # Assert: positions are the newest snapshot's; greeks_current holds only them.
     stored = await fetch(
