@@ -1,8 +1,12 @@
 """The writer actor: row batches from the ``rows`` channel into PostgreSQL, one commit per batch.
 
+Items on ``rows`` are :class:`~normalize.events.RowsBatch` values (rows, positions snapshots,
+stream session events: one per normalizer flush) or plain sequences of ``GreeksSnapshot`` rows.
 Loop: wait for one item, drain what is already queued (up to ``batch_max_rows`` rows or
-``batch_max_delay_ms`` of draining), then COPY + upsert + record batch id + commit
-(:func:`db.copy.write_batch`), record tick-to-commit latency, report.
+``batch_max_delay_ms`` of draining), then write it as one exactly-once batch
+(:func:`db.copy.write_batch`: one statement for small batches, a transaction with COPY for large
+ones or when positions, sessions or first-seen positions come along), record tick-to-commit
+latency per row, report. Position ids are cached for the connection's life.
 
 Database away (network, restart, too many connections): the failed batch and every following
 one go to a bounded in-memory buffer; past ``buffer_max_rows`` the buffer is moved to the fsync'ed
@@ -18,39 +22,54 @@ nothing is lost; the engine is degraded until the database appears. A spool left
 run is replayed in the background after connecting.
 
 Stop: when the channel ends (the supervisor's drain) everything received is committed, or
-spooled if the database is away, and ``run`` returns. On cancellation the same happens within
-``shutdown_budget_s`` under a shielded scope; what cannot be committed in time is spooled.
+spooled if the database is away, and ``run`` returns. Stream sessions this run saw start and
+never saw end are closed with reason ``engine_stopped`` in that last batch. On cancellation the
+same happens within ``shutdown_budget_s`` under a shielded scope; what cannot be committed in
+time is spooled.
 """
 
 from __future__ import annotations
 
 import operator
+import os
+import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 from anyio.abc import TaskStatus
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from config.settings import DatabaseSettings
 from db import copy as dbcopy
-from db.batch import Batch, BatchBuilder, clean_rows, days_of, partition_days, retention_cutoff, utc_day
+from db.batch import (
+    Batch,
+    BatchBuilder,
+    Pending,
+    clean_rows,
+    days_between,
+    days_of,
+    partition_days,
+    retention_cutoff,
+    utc_day,
+)
+from db.encode import RECEIVED_TS, BatchDataError, Dimensions, Prepared, session_ok, snapshot_ok
 from db.latency import LatencyTracker
 from db.migrate import migrate
 from db.spool import Spool
-from normalize.events import RowsBatch
-from normalize.model import GreeksSnapshot
+from normalize.events import SessionEnded, SessionStarted
 from supervisor.context import ActorContext
 from supervisor.errors import FatalError
 from supervisor.spec import RunFn
 
 UPKEEP_INTERVAL_S = 3600.0
+ENGINE_STOPPED = "engine_stopped"  # end_reason of the sessions the writer closes at its drain
 _received_ts = operator.attrgetter("received_ts")
-_DATA_ERROR_CLASSES = ("22", "23")  # data exception, integrity violation: the batch itself is bad
 _MAX_REPLAY_ERRORS = 5  # unclassified PostgreSQL errors retried per recovery before crashing
 
 
@@ -65,9 +84,13 @@ def make_writer(
     publish_interval_s: float = 0.25,
     shutdown_budget_s: float = 5.0,
     before_commit: dbcopy.Hook | None = None,
+    copy_min_rows: int = dbcopy.COPY_MIN_ROWS,
+    pipeline: bool = True,
 ) -> RunFn:
     """The writer's ``RunFn``. ``before_commit`` is a test seam (runs inside each batch's
-    transaction after the writes); ``clock`` must be the clock of ``GreeksSnapshot.received_ts``."""
+    transaction after the writes); ``clock`` must be the clock of ``GreeksSnapshot.received_ts``;
+    ``copy_min_rows``: batches of at least this many rows go by COPY; ``pipeline=False``: the
+    next batch is gathered only once the previous one is committed (tests, benchmarks)."""
 
     async def run(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
         writer = _Writer(
@@ -81,6 +104,8 @@ def make_writer(
             publish_interval_s=publish_interval_s,
             shutdown_budget_s=shutdown_budget_s,
             before_commit=before_commit,
+            copy_min_rows=copy_min_rows,
+            pipeline=pipeline,
         )
         await writer.run(task_status)
 
@@ -101,6 +126,8 @@ class _Writer:
         publish_interval_s: float,
         shutdown_budget_s: float,
         before_commit: dbcopy.Hook | None,
+        copy_min_rows: int,
+        pipeline: bool,
     ) -> None:
         self.settings = settings
         self.dsn = dsn
@@ -113,6 +140,8 @@ class _Writer:
         self.publish_interval_s = publish_interval_s
         self.shutdown_budget_s = shutdown_budget_s
         self.before_commit = before_commit
+        self.copy_min_rows = copy_min_rows
+        self.pipeline = pipeline
 
         self.conn: Any = None  # asyncpg.Connection while we hold one
         self.db_up = False  # live batches go straight to the database
@@ -127,6 +156,10 @@ class _Writer:
         self.builder = BatchBuilder(settings.batch_max_rows, settings.batch_max_delay_ms / 1000)
         self.latency = LatencyTracker()
         self.known_days: set[Any] = set()
+        self.dims = Dimensions()  # position ids, cleared on every (re)connect
+        self.pid = os.getpid()
+        self.engine_host = socket.gethostname()
+        self.open_sessions: dict[str, SessionStarted] = {}  # started in this run, not yet ended
         self.next_upkeep = 0.0
         self.down_since: float | None = None
 
@@ -140,6 +173,7 @@ class _Writer:
         self.last_publish = 0.0
 
         self._tg: Any = None
+        self._in_flight: anyio.Event | None = None  # set once the direct write in flight is done
         self._recovery_scope: anyio.CancelScope | None = None
         self._recovery_done = anyio.Event()
         self._spool_lost_seen = 0
@@ -216,7 +250,7 @@ class _Writer:
                 first = await rx.receive()
             except anyio.EndOfStream:
                 return
-            self.builder.start(_rows_of(first), self.clock())
+            self.builder.start(first, self.clock())
             eof = False
             while not self.builder.full(self.clock()):
                 try:
@@ -226,38 +260,96 @@ class _Writer:
                 except anyio.EndOfStream:
                     eof = True
                     break
-                self.builder.add(_rows_of(item))
+                self.builder.add(item)
             # The batch is in the buffer before any await: cancelled or crashed from here on,
             # the shutdown drain commits or spools it.
-            batch = await self._clean_and_buffer(self.builder.take())
+            batch, cols = await self._clean_and_buffer(self.builder.take())
             if batch is not None:
-                await self._submit(batch)
+                # Encoded while the previous batch is still in the database; then written once
+                # that one is done (one write at a time on the connection, in order).
+                prepared = await self._prepare(batch, cols)
+                await self._write_done()
+                self._start_submit(batch, prepared)
+                if not self.pipeline:
+                    await self._write_done()
             self._maybe_publish()
             if eof:
                 return
 
-    async def _clean_and_buffer(self, rows: list[GreeksSnapshot]) -> Batch | None:
-        """NaN/inf values become None (counted); the storable rows become a batch, appended to the
-        in-memory buffer at once (returned, None if there are none); the rest is set aside."""
+    async def _prepare(self, batch: Batch, cols: Any) -> Prepared | None:
+        """The batch's encoding (COPY stream included), yielding to the write in flight between
+        chunks; None when it will not be written directly (it is then encoded when replayed)."""
+        if not self.db_up or self.recovering:
+            return None
+        await anyio.lowlevel.checkpoint()  # cleaning took its share: let the write in flight go on
+        prepared = Prepared(batch, self.dims, self.copy_min_rows, cols)
+        try:
+            for _ in prepared.steps(self.dims, eager=True):
+                await anyio.lowlevel.checkpoint()
+        except BatchDataError:
+            return None  # raised again by the write, which sets the batch aside
+        return prepared
+
+    def _start_submit(self, batch: Batch, prepared: Prepared | None) -> None:
+        done = self._in_flight = anyio.Event()
+
+        async def submit() -> None:
+            try:
+                await self._submit(batch, prepared)
+            finally:
+                done.set()
+
+        self._tg.start_soon(submit)
+
+    async def _write_done(self) -> None:
+        if self._in_flight is not None:
+            await self._in_flight.wait()
+
+    async def _clean_and_buffer(self, taken: Pending) -> tuple[Batch | None, Any]:
+        """NaN/inf values become None (counted); the storable rows, positions snapshots and
+        session events become a batch, appended to the in-memory buffer at once (returned, None
+        if there is nothing, with the rows transposed when that was computed on the way); the
+        rest is set aside."""
+        rows = taken.rows
         cleaned = clean_rows(rows)
         if cleaned.values_cleared:
             self.nonfinite_values += cleaned.values_cleared
             self.log.warning("nonfinite_values_cleared", values=cleaned.values_cleared, rows=len(rows))
+        positions = [p for p in taken.positions if snapshot_ok(p)]
+        sessions = [e for e in taken.sessions if session_ok(e)]
+        bad_positions = [p for p in taken.positions if not snapshot_ok(p)]
+        bad_sessions = [e for e in taken.sessions if not session_ok(e)]
+        for event in sessions:
+            if isinstance(event, SessionStarted):
+                self.open_sessions[event.session_id] = event
+            else:
+                self.open_sessions.pop(event.session_id, None)
         batch = None
-        if cleaned.rows:
-            batch = Batch(uuid.uuid4(), cleaned.rows)
+        if cleaned.rows or positions or sessions:
+            batch = self._batch(cleaned.rows, tuple(positions), tuple(sessions))
             self._buffer(batch)
-        if cleaned.rejected:
-            reason = ValueError("event_ts, received_ts, quantity or multiplier is not a finite number")
-            await self._reject(Batch(uuid.uuid4(), cleaned.rejected), reason)
-        return batch
+        if cleaned.rejected or bad_positions or bad_sessions:
+            reason = ValueError(
+                "a non-finite time, quantity or multiplier, an unknown greeks_source, or a positions "
+                "snapshot or session event that cannot be stored"
+            )
+            await self._reject(
+                self._batch(cleaned.rejected, tuple(bad_positions), tuple(bad_sessions)), reason
+            )
+        return batch, cleaned.columns
 
-    async def _submit(self, batch: Batch) -> None:
+    def _batch(self, rows: Any, positions: tuple[Any, ...] = (), sessions: tuple[Any, ...] = ()) -> Batch:
+        if sessions:
+            return Batch(uuid.uuid4(), rows, positions, sessions, self.pid, self.engine_host)
+        return Batch(uuid.uuid4(), rows, positions)
+
+    async def _submit(self, batch: Batch, prepared: Prepared | None = None) -> None:
         """``batch`` is already in the buffer: it leaves it only once committed (or set aside as
-        bad data). On the direct path the buffer holds only this batch."""
-        if self.db_up and not self.recovering and self.memory and self.memory[-1] is batch:
+        bad data). On the direct path it is the oldest batch in the buffer (the next one may be
+        buffered already, being prepared)."""
+        if self.db_up and not self.recovering and self.memory and self.memory[0] is batch:
             try:
-                await self._write(batch)
+                await self._write(batch, prepared=prepared)
             except Exception as exc:
                 if _is_data_error(exc):
                     self._unbuffer(batch)
@@ -294,18 +386,29 @@ class _Writer:
         if self.memory_rows > self.settings.buffer_max_rows:
             await self._spill()
 
-    async def _write(self, batch: Batch, *, replayed: bool = False) -> bool:
+    async def _write(self, batch: Batch, *, replayed: bool = False, prepared: Prepared | None = None) -> bool:
         conn = self.conn
         if conn is None:
             raise ConnectionError("no database connection")
         now = self.clock()
         if now >= self.next_upkeep:
             await self._upkeep(conn, now)
-        missing = days_of(batch.rows) - self.known_days
+        days = None
+        if prepared is not None and batch.rows:
+            days = days_between(prepared.facts.min_event_ts, prepared.facts.max_event_ts)  # type: ignore[arg-type]
+        missing = (days or days_of(batch.rows)) - self.known_days
         if missing:
             await dbcopy.ensure_partitions(conn, missing)
             self.known_days |= missing
-        fresh = await dbcopy.write_batch(conn, batch, replayed=replayed, before_commit=self.before_commit)
+        fresh = await dbcopy.write_batch(
+            conn,
+            batch,
+            dims=self.dims,
+            replayed=replayed,
+            before_commit=self.before_commit,
+            copy_min_rows=self.copy_min_rows,
+            prepared=prepared,
+        )
         committed_at = self.clock()
         n = len(batch.rows)
         if fresh:
@@ -313,8 +416,12 @@ class _Writer:
             self.batches_total += 1
             if replayed:
                 self.replayed_rows += n
-            self.latency.record_commit(map(_received_ts, batch.rows), committed_at)
-            self.ctx.record_events(n)
+            if n:
+                received = (
+                    prepared.cols[RECEIVED_TS] if prepared is not None else map(_received_ts, batch.rows)
+                )
+                self.latency.record_commit(received, committed_at)
+                self.ctx.record_events(n)
             self.log.debug("batch_committed", rows=n, batch_id=str(batch.batch_id))
         else:
             self.duplicate_batches += 1
@@ -374,6 +481,8 @@ class _Writer:
             "batch_rejected",
             error=_err(exc),
             rows=len(batch.rows),
+            positions_snapshots=len(batch.positions),
+            session_events=len(batch.sessions),
             batch_id=str(batch.batch_id),
             kept_in=str(self.rejected.directory),
         )
@@ -551,6 +660,7 @@ class _Writer:
 
     async def _connect_and_prepare(self) -> Any:
         conn = await dbcopy.connect(self.dsn, connect_timeout_s=self.connect_timeout_s)
+        self.dims.clear()  # ids are re-read from this database
         try:
             await migrate(conn)
             self.known_days = await dbcopy.existing_partition_days(conn)
@@ -604,9 +714,16 @@ class _Writer:
         self.stopping = True
         committed = 0
         try:
-            rows = self.builder.take()
-            rows.extend(self._drain_channel_nowait())
-            await self._clean_and_buffer(rows)
+            with anyio.move_on_after(max(0.1, self.shutdown_budget_s / 4)):
+                await self._write_done()  # the batch in flight is committed, or back to buffer
+            taken = self.builder.take()
+            self._drain_channel_nowait(taken)
+            now = self.clock()
+            taken.sessions.extend(
+                SessionEnded(s.broker, s.session_id, now, ENGINE_STOPPED, 0)
+                for s in self.open_sessions.values()
+            )
+            await self._clean_and_buffer(taken)
             if self._recovery_scope is not None:
                 self._recovery_scope.cancel()  # also one scheduled but not yet running
             if self.recovering:
@@ -637,17 +754,16 @@ class _Writer:
                     rows_total=self.rows_total,
                 )
 
-    def _drain_channel_nowait(self) -> list[GreeksSnapshot]:
+    def _drain_channel_nowait(self, into: Pending) -> None:
         rx = self.ctx.receivers.get("rows")
-        out: list[GreeksSnapshot] = []
         if rx is None:
-            return out
+            return
         while True:
             try:
-                item: Sequence[GreeksSnapshot] | RowsBatch = rx.receive_nowait()
+                item = rx.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                return out
-            out.extend(_rows_of(item))
+                return
+            into.add(item)
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -688,16 +804,8 @@ class _Writer:
             self._publish()
 
 
-def _rows_of(item: Sequence[GreeksSnapshot] | RowsBatch) -> Sequence[GreeksSnapshot]:
-    """The rows of a ``rows`` channel item (positions and sessions are not stored yet)."""
-    return item.rows if isinstance(item, RowsBatch) else item
-
-
 def _is_data_error(exc: BaseException) -> bool:
-    if not isinstance(exc, asyncpg.PostgresError):
-        return False
-    code = getattr(exc, "sqlstate", None) or ""
-    return code.startswith(_DATA_ERROR_CLASSES)
+    return dbcopy.is_data_error(exc)
 
 
 def _err(exc: BaseException | None) -> str | None:

@@ -1,48 +1,197 @@
-"""Writing batches with asyncpg: COPY history, upsert latest, record the batch, commit once.
+"""Writing batches with asyncpg into the narrow schema (0003), exactly once per batch id.
+
+Two write paths, chosen per batch (the threshold measured: client plus server CPU per row):
+
+- **One statement** (batches below ``copy_min_rows`` rows whose positions are all known): one
+  ``INSERT ... SELECT FROM unnest(...)`` with the ledger row and the latest-state upsert as CTEs,
+  sent outside any explicit transaction: one round trip, atomic, committed on return
+  (``synchronous_commit`` on). A duplicate batch id makes it a no-op.
+- **Transaction**: BEGIN; the dimension rows of first-seen positions; the ledger row and the latest
+  upsert (with the history rows too below ``copy_min_rows``); binary COPY of the history rows
+  (large batches; the stream built by :mod:`db.encode`); the positions snapshots and session
+  events; COMMIT. Anything that is not plain rows
+  (positions, sessions, first-seen positions, the ``before_commit`` test seam) takes this path.
+
+Position ids come from the caller's :class:`~db.encode.Dimensions` cache; ids created by a
+transaction enter the cache only once it has committed.
 
 Also the partition upkeep the writer runs, and the classification of database errors into
-"the database is away" (buffer, spool, reconnect) versus everything else.
+"the database is away" (buffer, spool, reconnect), "the batch is bad data" (set aside) and the rest.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from asyncpg.pgproto.pgproto import UUID as PgUUID
 
-from db.batch import HISTORY_COLUMNS, Batch, batch_facts, iter_records, latest_of, posix_to_us
+from db import encode
+from db.batch import Batch, posix_to_us
+from db.encode import HISTORY_COLUMNS, MATRIX_ROWS, BatchDataError, Dimensions
+from normalize.events import PositionsSnapshot
 
+# Below this many rows a batch goes in one statement; from it on, its history goes by COPY
+# (client + server CPU per row measured equal near 2,000 rows; one statement costs less below).
+COPY_MIN_ROWS = 2000
+
+
+def _exact_ts(x: str) -> str:
+    """SQL: POSIX seconds (float8) to timestamptz, rounded as ``datetime.fromtimestamp`` rounds
+    (whole seconds exact, the fraction scaled and rounded half to even) and as the writer
+    connection's own codec does (:func:`_encode_timestamptz`)."""
+    return (
+        f"(timestamptz 'epoch' + (trunc({x})::int8 * 1000000 + round(({x} - trunc({x})) * 1e6::float8)::int8)"
+        " * interval '1 microsecond')"
+    )
+
+
+_M = {name: f"($8::float8[])[{i + 1}:{i + 1}]" for i, name in enumerate(MATRIX_ROWS)}
+_VALUES = "quantity, bid, ask, last, mark, underlying_price, iv, delta, gamma, theta, vega, rho"
+_LATEST_COLUMNS = f"position_id, batch_id, event_ts, received_ts, {_VALUES}, seq, greeks_source, updated_at"
 _LATEST_UPDATE = ", ".join(
-    f"{c} = EXCLUDED.{c}" for c in HISTORY_COLUMNS if c not in ("broker", "account", "instrument")
+    f"{c} = EXCLUDED.{c}" for c in _LATEST_COLUMNS.split(", ") if c not in ("position_id", "updated_at")
 )
-_COLS = ", ".join(HISTORY_COLUMNS)
-_KEYS = "broker, account, instrument"
-_NEWER = """WHERE (EXCLUDED.event_ts, EXCLUDED.received_ts)
-       >= (greeks_latest.event_ts, greeks_latest.received_ts)"""
 
-# Every batch: BEGIN; this statement (batch id + latest upsert, the newest row per position
-# picked in Python); COPY the rows into greeks_history; COMMIT. A batch id seen before inserts
-# nothing and upserts nothing (the caller then ends the transaction before any COPY).
-RECORD_BATCH_AND_UPSERT_LATEST = f"""
+# $1 batch id, $2..$6 row count and min/max event and receive times, $7 replayed,
+# $8 the float8[][] matrix (db.encode.matrix), $9 seq int8[].
+_LEDGER_AND_ROWS = f"""
 WITH batch AS (
     INSERT INTO ingest_batches (batch_id, row_count, min_event_ts, max_event_ts,
                                 min_received_ts, max_received_ts, replayed)
     VALUES ($1, $2, $3, $4, $5, $6, $7)
     ON CONFLICT (batch_id) DO NOTHING
     RETURNING batch_id
-), latest AS (
-    INSERT INTO greeks_latest ({_COLS}, updated_at)
-    SELECT {_COLS}, now() FROM unnest($8::greeks_history[])
+), r AS MATERIALIZED (
+    SELECT u.position_id::int4 AS position_id,
+           {_exact_ts("u.event_ts")} AS event_ts,
+           {_exact_ts("u.received_ts")} AS received_ts,
+           u.quantity, u.bid, u.ask, u.last, u.mark, u.underlying_price,
+           u.iv, u.delta, u.gamma, u.theta, u.vega, u.rho, u.seq,
+           CASE u.greeks_source WHEN 1 THEN 'broker' WHEN 2 THEN 'model' END AS greeks_source,
+           u.newest
+    FROM unnest({", ".join(_M.values())}, $9::int8[]) AS u({", ".join(MATRIX_ROWS)}, seq)
     WHERE EXISTS (SELECT 1 FROM batch)
-    ON CONFLICT ({_KEYS}) DO UPDATE SET {_LATEST_UPDATE}, updated_at = now()
-    {_NEWER}
+), latest AS (
+    INSERT INTO greeks_latest AS l ({_LATEST_COLUMNS})
+    SELECT position_id, $1, event_ts, received_ts, {_VALUES}, seq, greeks_source, now()
+    FROM r WHERE newest IS NOT NULL
+    ON CONFLICT (position_id) DO UPDATE SET {_LATEST_UPDATE}, updated_at = now()
+    WHERE (EXCLUDED.event_ts, EXCLUDED.received_ts) >= (l.event_ts, l.received_ts)
+)"""
+
+# The one-statement write: ledger row, history rows and latest upsert; true unless the batch id
+# was committed before (then nothing is written).
+WRITE_ROWS = f"""{_LEDGER_AND_ROWS}, history AS (
+    INSERT INTO greeks_history ({", ".join(HISTORY_COLUMNS)})
+    SELECT event_ts, received_ts, quantity, bid, ask, last, mark, underlying_price, seq,
+           position_id, iv, delta, gamma, theta, vega, rho,
+           CASE greeks_source WHEN 'broker' THEN 'b' WHEN 'model' THEN 'm' END::"char"
+    FROM r
 )
 SELECT EXISTS (SELECT 1 FROM batch)
 """
+
+# The ledger row and the latest upsert only (the history follows by COPY): the matrix holds the
+# newest row of each position only.
+WRITE_LEDGER_AND_LATEST = f"""{_LEDGER_AND_ROWS}
+SELECT EXISTS (SELECT 1 FROM batch)
+"""
+
+# Dimension rows of first-seen positions (in a transaction; the ids are returned). DO UPDATE, not
+# DO NOTHING, so that a row another engine created concurrently is returned too.
+RESOLVE_INSTRUMENTS = """
+INSERT INTO instruments AS i (instrument, underlying, asset_class, option_right, strike, expiry, multiplier)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::date[], $7::float8[])
+ON CONFLICT ON CONSTRAINT instruments_identity DO UPDATE SET multiplier = EXCLUDED.multiplier
+RETURNING i.instrument_id, i.instrument, i.underlying, i.asset_class, i.option_right, i.strike, i.expiry,
+          i.multiplier
+"""
+RESOLVE_POSITIONS = """
+INSERT INTO position_keys AS k (broker, account, instrument_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::int4[])
+ON CONFLICT ON CONSTRAINT position_keys_identity DO UPDATE SET broker = EXCLUDED.broker
+RETURNING k.position_id, k.broker, k.account, k.instrument_id
+"""
+
+# Positions snapshots (db.encode.fold_positions): an account's snapshot applies only if it is at
+# least as new as the one applied last; it then replaces that account's positions (the ones it
+# no longer lists are deleted: closed).
+APPLY_POSITIONS = """
+WITH snap AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS s(broker, account, as_of)
+), applied AS (
+    INSERT INTO position_accounts AS a (broker, account, as_of)
+    SELECT broker, account, as_of FROM snap
+    ON CONFLICT (broker, account) DO UPDATE SET as_of = EXCLUDED.as_of, updated_at = now()
+    WHERE EXCLUDED.as_of >= a.as_of
+    RETURNING a.broker, a.account, a.as_of
+), held AS (
+    SELECT * FROM unnest($4::text[], $5::text[], $6::int4[], $7::text[], $8::text[], $9::text[], $10::text[],
+                         $11::float8[], $12::date[], $13::float8[], $14::float8[], $15::float8[])
+        AS n(broker, account, position_id, instrument, underlying, asset_class, option_right, strike, expiry,
+             multiplier, quantity, avg_cost)
+), closed AS (
+    DELETE FROM positions p USING applied a
+    WHERE p.broker = a.broker AND p.account = a.account
+      AND NOT EXISTS (SELECT 1 FROM held n WHERE n.position_id = p.position_id)
+), upserted AS (
+    INSERT INTO positions AS p (position_id, broker, account, instrument, underlying, asset_class,
+                                option_right, strike, expiry, multiplier, quantity, avg_cost, as_of,
+                                updated_at)
+    SELECT n.position_id, n.broker, n.account, n.instrument, n.underlying, n.asset_class, n.option_right,
+           n.strike, n.expiry, n.multiplier, n.quantity, n.avg_cost, a.as_of, now()
+    FROM held n JOIN applied a ON a.broker = n.broker AND a.account = n.account
+    ON CONFLICT (position_id) DO UPDATE SET
+        broker = EXCLUDED.broker, account = EXCLUDED.account, instrument = EXCLUDED.instrument,
+        underlying = EXCLUDED.underlying, asset_class = EXCLUDED.asset_class,
+        option_right = EXCLUDED.option_right, strike = EXCLUDED.strike, expiry = EXCLUDED.expiry,
+        multiplier = EXCLUDED.multiplier, quantity = EXCLUDED.quantity, avg_cost = EXCLUDED.avg_cost,
+        as_of = EXCLUDED.as_of, updated_at = now()
+)
+SELECT count(*) FROM applied
+"""
+
+# Stream sessions, by the broker actor's session id: starts fill in the start fields (a replay
+# writes the same values), ends close a session once (the first close wins).
+SESSION_STARTS = """
+INSERT INTO stream_sessions AS s
+    (session_key, broker, account, host, engine_host, pid, mode, started_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::text[],
+                     $8::timestamptz[])
+ON CONFLICT (session_key) DO UPDATE SET
+    broker = EXCLUDED.broker, account = EXCLUDED.account, host = EXCLUDED.host,
+    engine_host = EXCLUDED.engine_host, pid = EXCLUDED.pid, mode = EXCLUDED.mode,
+    started_at = EXCLUDED.started_at
+"""
+SESSION_ENDS = """
+INSERT INTO stream_sessions AS s
+    (session_key, broker, engine_host, pid, started_at, ended_at, end_reason, events)
+SELECT u.k, u.b, u.h, u.p, u.e, u.e, u.r, u.n
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::timestamptz[], $6::text[], $7::int8[])
+    AS u(k, b, h, p, e, r, n)
+ON CONFLICT (session_key) DO UPDATE SET
+    ended_at = EXCLUDED.ended_at, end_reason = EXCLUDED.end_reason,
+    events = greatest(s.events, EXCLUDED.events)
+WHERE s.ended_at IS NULL
+"""
+
+# SQLSTATE classes: data exception, integrity violation: the batch itself is bad.
+_DATA_SQLSTATES = ("22", "23")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when the batch itself can never be stored (PostgreSQL refuses its data, or asyncpg or
+    the encoder refuses a value before sending it): set it aside, never retry it."""
+    if isinstance(exc, BatchDataError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        code = getattr(exc, "sqlstate", None) or ""
+        return code.startswith(_DATA_SQLSTATES)
+    return False
+
 
 # SQLSTATE classes/codes meaning "this connection or server is not usable now".
 _DOWN_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300", "53", "58")
@@ -75,7 +224,7 @@ def is_configuration_error(exc: BaseException) -> bool:
 
 def is_database_down(exc: BaseException) -> bool:
     """True for errors a reconnect may cure (network, shutdown, too many connections)."""
-    if is_configuration_error(exc):
+    if is_configuration_error(exc) or is_data_error(exc):
         return False
     if isinstance(
         exc,
@@ -146,8 +295,9 @@ _prepared: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 async def prepare_connection(conn: asyncpg.Connection) -> None:
-    """Let ``conn`` take POSIX seconds for ``timestamptz`` (what :func:`db.batch.to_records`
-    produces); reads still return aware UTC datetimes. Idempotent; :func:`connect` calls it."""
+    """Let ``conn`` take POSIX seconds for ``timestamptz`` parameters (the ledger's times,
+    positions snapshots, sessions); reads still return aware UTC datetimes. Idempotent;
+    :func:`connect` calls it."""
     if conn in _prepared:
         return
     await conn.set_type_codec(
@@ -162,12 +312,18 @@ async def prepare_connection(conn: asyncpg.Connection) -> None:
 
 async def connect(dsn: str, *, connect_timeout_s: float = 10.0, command_timeout: float = 30.0) -> Any:
     """A writer connection: synchronous commit on, named for ``pg_stat_activity``, taking POSIX
-    seconds for ``timestamptz`` (:func:`prepare_connection`)."""
+    seconds for ``timestamptz`` (:func:`prepare_connection`), generic plans only (the write
+    statements take whole batches as array parameters: a custom plan would be planned again, the
+    arrays folded in, at every execution)."""
     conn = await asyncpg.connect(
         dsn,
         timeout=connect_timeout_s,
         command_timeout=command_timeout,
-        server_settings={"synchronous_commit": "on", "application_name": "greeks-writer"},
+        server_settings={
+            "synchronous_commit": "on",
+            "application_name": "greeks-writer",
+            "plan_cache_mode": "force_generic_plan",
+        },
     )
     try:
         await prepare_connection(conn)
@@ -181,47 +337,145 @@ async def write_batch(
     conn: asyncpg.Connection,
     batch: Batch,
     *,
+    dims: Dimensions | None = None,
     replayed: bool = False,
     before_commit: Hook | None = None,
+    copy_min_rows: int = COPY_MIN_ROWS,
+    prepared: encode.Prepared | None = None,
 ) -> bool:
     """Commit ``batch`` exactly once; False when its id was already committed (nothing written).
 
-    One transaction, committed once (``synchronous_commit`` on): BEGIN; one statement that
-    records the batch id and upserts the newest row per position, never replacing a newer row (a
-    duplicate id makes it a no-op and ends the transaction); COPY the rows into
-    ``greeks_history`` (``copy_records_to_table``); COMMIT. ``before_commit`` runs after the
-    writes, inside the transaction (a test seam for crashing before COMMIT). ``conn`` is prepared on first use
-    (:func:`prepare_connection`) if it was not opened with :func:`connect`.
+    ``dims`` caches position ids across calls (pass the same one for a connection's life;
+    None: resolve every position). ``prepared``: the batch's encoding built ahead
+    (:class:`db.encode.Prepared`; ignored when ``dims`` was cleared since). ``before_commit``
+    runs after the writes, inside the transaction (a test seam for crashing before COMMIT); it
+    forces the transaction path. ``conn`` is prepared on first use (:func:`prepare_connection`)
+    if it was not opened with :func:`connect`.
+
+    Raises:
+        BatchDataError: a value no column can hold (a Greek beyond the float4 range).
     """
     if conn not in _prepared:
         await prepare_connection(conn)
-    facts = batch_facts(batch.rows)
+    if dims is None:
+        dims = Dimensions()
+    p = prepared
+    if (
+        p is None
+        or p.batch is not batch
+        or not p.valid_for(dims)
+        or p.large != (len(batch.rows) >= copy_min_rows)
+    ):
+        p = encode.Prepared(batch, dims, copy_min_rows).run(dims)
+    missing = p.missing(dims)
+    if not missing:
+        p.resolve(dims.positions)  # ids that arrived since it was prepared (a no-op usually)
+    if not (missing or p.accounts or batch.sessions or before_commit or p.large):
+        assert p.rows_args is not None
+        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(p, replayed), *p.rows_args))
+    created: dict[encode.PositionKey, int] = {}
     async with conn.transaction():
-        fresh = await conn.fetchval(
-            RECORD_BATCH_AND_UPSERT_LATEST,
-            batch.batch_id,
-            facts.row_count,
-            facts.min_event_ts,
-            facts.max_event_ts,
-            facts.min_received_ts,
-            facts.max_received_ts,
-            replayed,
-            latest_of(batch),
-        )
-        if not fresh:
-            return False
-        if batch.rows:
-            # Lazy records: built while encoded, so that the server digests each chunk sent
-            # while the next is built (COPY streams in ~512 kB chunks).
-            await conn.copy_records_to_table(
-                "greeks_history",
-                # asyncpg's own UUID encodes in C; a uuid.UUID costs a Python call per row.
-                records=iter_records(batch, PgUUID(batch.batch_id.bytes)),
-                columns=HISTORY_COLUMNS,
-            )
-        if before_commit is not None:
-            await before_commit(conn)
+        if missing:
+            created = await resolve_positions(conn, missing)
+            p.resolve({**dims.positions, **created})
+        fresh = await _write_rows(conn, p, replayed)
+        if fresh:
+            if p.accounts:
+                ids = {**dims.positions, **created}
+                await conn.fetchval(APPLY_POSITIONS, *encode.positions_params(p.accounts, ids))
+            if batch.sessions:
+                starts, ends = encode.fold_sessions(batch.sessions)
+                if starts:
+                    await conn.execute(SESSION_STARTS, *encode.session_start_params(starts, batch))
+                if ends:
+                    await conn.execute(SESSION_ENDS, *encode.session_end_params(ends, batch))
+            if before_commit is not None:
+                await before_commit(conn)
+    dims.add(created)  # committed: the ids exist for good
+    return fresh
+
+
+def _ledger(p: encode.Prepared, replayed: bool) -> tuple[Any, ...]:
+    f = p.facts
+    return (
+        p.batch.batch_id,
+        f.row_count,
+        f.min_event_ts,
+        f.max_event_ts,
+        f.min_received_ts,
+        f.max_received_ts,
+        replayed,
+    )
+
+
+async def _write_rows(conn: asyncpg.Connection, p: encode.Prepared, replayed: bool) -> bool:
+    """Ledger row, latest upsert and history rows (by COPY when large); False: a duplicate."""
+    if not p.large:
+        assert p.rows_args is not None
+        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(p, replayed), *p.rows_args))
+    assert p.latest_args is not None
+    if not await conn.fetchval(WRITE_LEDGER_AND_LATEST, *_ledger(p, replayed), *p.latest_args):
+        return False
+    refused: list[BatchDataError] = []
+    # Prepared ahead, or built chunk by chunk while sent (the server digests each chunk while
+    # the next is built).
+    source = _sent(p.payload) if p.payload is not None else _chunks(p, refused)
+    await conn.copy_to_table("greeks_history", source=source, columns=HISTORY_COLUMNS, format="binary")
+    if refused:
+        raise refused[0]  # rolls the transaction back
     return True
+
+
+async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _chunks(p: encode.Prepared, refused: list[BatchDataError]) -> AsyncIterator[bytes]:
+    """The COPY stream, built as sent. A value the encoder refuses ends the stream early, without
+    an exception inside asyncpg's COPY (which would send CopyFail plus an out-of-band cancel
+    request that can hit a later statement): the caller raises it after COPY returns, and the
+    transaction rolls back."""
+    chunks = encode.copy_payload(p.cols, p.pids)  # type: ignore[arg-type]  # complete here
+    try:
+        for chunk in chunks:
+            yield chunk
+    except BatchDataError as exc:
+        refused.append(exc)
+        yield encode.COPY_TRAILER
+
+
+async def apply_positions(
+    conn: asyncpg.Connection, snapshots: Iterable[PositionsSnapshot], *, dims: Dimensions | None = None
+) -> int:
+    """Apply positions snapshots outside a writer batch (one transaction); returns how many
+    accounts they replaced (an account whose stored snapshot is newer is left alone)."""
+    if conn not in _prepared:
+        await prepare_connection(conn)
+    dims = Dimensions() if dims is None else dims
+    accounts = encode.fold_positions(snapshots)
+    created: dict[encode.PositionKey, int] = {}
+    async with conn.transaction():
+        missing = dims.missing(encode.positions_keys(accounts))
+        if missing:
+            created = await resolve_positions(conn, missing)
+        applied = await conn.fetchval(
+            APPLY_POSITIONS, *encode.positions_params(accounts, {**dims.positions, **created})
+        )
+    dims.add(created)
+    return int(applied)
+
+
+async def resolve_positions(
+    conn: asyncpg.Connection, keys: list[encode.PositionKey]
+) -> dict[encode.PositionKey, int]:
+    """Create (or find) the instrument and position rows of ``keys`` (unique, in
+    :meth:`~db.encode.Dimensions.missing` order); their position ids. Commit before caching them."""
+    instruments = encode.instrument_ids(
+        await conn.fetch(RESOLVE_INSTRUMENTS, *encode.instrument_params(keys))
+    )
+    records = await conn.fetch(RESOLVE_POSITIONS, *encode.position_params(keys, instruments))
+    return encode.position_ids(keys, instruments, records)
 
 
 async def ensure_partitions(conn: asyncpg.Connection, days: Iterable[date]) -> list[date]:

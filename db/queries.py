@@ -4,62 +4,38 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
+from db.copy import apply_positions
+from normalize.events import PositionsSnapshot
 from normalize.model import UnifiedPosition
-
-_UPSERT_POSITIONS = """
-INSERT INTO positions (broker, account, instrument, underlying, asset_class, option_right,
-                       strike, expiry, multiplier, quantity, avg_cost, updated_at)
-SELECT $1, $2, p.instrument, p.underlying, p.asset_class, p.option_right, p.strike, p.expiry,
-       p.multiplier, p.quantity, p.avg_cost, now()
-FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::date[],
-            $9::float8[], $10::float8[], $11::float8[])
-     AS p(instrument, underlying, asset_class, option_right, strike, expiry, multiplier,
-          quantity, avg_cost)
-ON CONFLICT (broker, account, instrument) DO UPDATE SET
-    underlying = EXCLUDED.underlying, asset_class = EXCLUDED.asset_class,
-    option_right = EXCLUDED.option_right, strike = EXCLUDED.strike, expiry = EXCLUDED.expiry,
-    multiplier = EXCLUDED.multiplier, quantity = EXCLUDED.quantity,
-    avg_cost = EXCLUDED.avg_cost, updated_at = now()
-"""
 
 
 async def upsert_positions(
-    conn: asyncpg.Connection, broker: str, account: str, positions: Sequence[UnifiedPosition]
+    conn: asyncpg.Connection,
+    broker: str,
+    account: str,
+    positions: Sequence[UnifiedPosition],
+    *,
+    as_of: float | None = None,
 ) -> int:
     """Replace the current positions of one broker account with ``positions``.
 
-    Positions of that account missing from ``positions`` are deleted (closed). One transaction.
-    Returns the number of positions stored.
+    Positions of that account missing from ``positions`` are deleted (closed). One transaction,
+    the writer's own positions statement (:func:`db.copy.apply_positions`); ``as_of`` (POSIX
+    seconds, default now) orders it against the snapshots the writer applies. Returns the
+    number of positions stored.
     """
-    instruments = [p.instrument for p in positions]
-    async with conn.transaction():
-        await conn.execute(
-            "DELETE FROM positions WHERE broker = $1 AND account = $2 AND NOT (instrument = ANY($3::text[]))",
-            broker,
-            account,
-            instruments,
-        )
-        if positions:
-            await conn.execute(
-                _UPSERT_POSITIONS,
-                broker,
-                account,
-                instruments,
-                [p.underlying for p in positions],
-                [str(p.asset_class) for p in positions],
-                [None if p.right is None else str(p.right) for p in positions],
-                [p.strike for p in positions],
-                [p.expiry for p in positions],
-                [p.multiplier for p in positions],
-                [p.quantity for p in positions],
-                [p.avg_cost for p in positions],
-            )
-    return len(positions)
+    snapshot = PositionsSnapshot(
+        broker, (account,), tuple(positions), time.time() if as_of is None else as_of
+    )
+    if await apply_positions(conn, [snapshot]):
+        return len(positions)
+    return 0
 
 
 async def open_session(

@@ -6,7 +6,13 @@ Two layers:
   ``b"GSP1" | u32 length | u32 crc32(payload) | payload`` (big-endian), the payload an orjson
   object ``{"batch_id", "fields", "rows"}`` where ``rows`` are value lists in ``fields`` order
   (field names travel with the data, so a spool written by an older model still decodes; unknown
-  fields are ignored). A torn or corrupt frame ends decoding: everything before it is kept.
+  fields are ignored), plus, when the batch has them, ``"positions"`` (positions snapshots, their
+  positions as value lists in ``"position_fields"`` order), ``"sessions"`` (session events, each
+  an object with a ``"type"``), ``"pid"`` and ``"host"`` (the engine that received the sessions).
+  Frames written before those keys existed decode with none. The frame holds model values
+  (``GreeksSnapshot`` fields), not table columns: a spool written for an older table layout (the
+  wide history of schema 0002) replays into the current one. A torn or corrupt frame ends
+  decoding: everything before it is kept.
 - :class:`Spool` (blocking file I/O; async callers use ``anyio.to_thread``): numbered segment
   files ``spool-NNNNNNNNNNNN.seg`` in one directory, appended and fsync'ed per call, replayed
   oldest first and deleted once replayed. Over ``max_bytes`` the oldest segments are deleted and
@@ -15,6 +21,7 @@ Two layers:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import uuid
@@ -28,13 +35,20 @@ from typing import Any
 import orjson
 
 from db.batch import Batch
-from normalize.model import SNAPSHOT_FIELDS, GreeksSnapshot
+from normalize.events import PositionsSnapshot, SessionEnded, SessionEvent, SessionStarted
+from normalize.model import SNAPSHOT_FIELDS, AssetClass, GreeksSnapshot, Right, UnifiedPosition
 
 MAGIC = b"GSP1"
 _HEADER = struct.Struct(">4sII")
 HEADER_SIZE = _HEADER.size
 _DATE_FIELDS = frozenset(n for n, t in GreeksSnapshot.__annotations__.items() if "date" in str(t))
 _REQUIRED = frozenset(SNAPSHOT_FIELDS) - frozenset(GreeksSnapshot._field_defaults)
+POSITION_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UnifiedPosition))
+_SESSION_TYPES: dict[str, type[SessionStarted] | type[SessionEnded]] = {
+    "started": SessionStarted,
+    "ended": SessionEnded,
+}
+_SESSION_FIELDS = {cls: frozenset(f.name for f in dataclasses.fields(cls)) for cls in _SESSION_TYPES.values()}
 
 
 # -- framing (pure) ---------------------------------------------------------------------------
@@ -42,14 +56,35 @@ _REQUIRED = frozenset(SNAPSHOT_FIELDS) - frozenset(GreeksSnapshot._field_default
 
 def encode_batch(batch: Batch) -> bytes:
     """One frame holding ``batch`` (NaN and infinities become ``None``: "no value")."""
-    payload = orjson.dumps(
-        {
-            "batch_id": str(batch.batch_id),
-            "fields": SNAPSHOT_FIELDS,
-            "rows": [[getattr(r, name) for name in SNAPSHOT_FIELDS] for r in batch.rows],
-        }
-    )
+    doc: dict[str, Any] = {
+        "batch_id": str(batch.batch_id),
+        "fields": SNAPSHOT_FIELDS,
+        "rows": [list(r) for r in batch.rows],
+    }
+    if batch.positions:
+        doc["position_fields"] = POSITION_FIELDS
+        doc["positions"] = [
+            {
+                "broker": p.broker,
+                "accounts": p.accounts,
+                "as_of": p.as_of,
+                "positions": [[getattr(u, name) for name in POSITION_FIELDS] for u in p.positions],
+            }
+            for p in batch.positions
+        ]
+    if batch.sessions:
+        doc["sessions"] = [_encode_session(e) for e in batch.sessions]
+    if batch.pid is not None:
+        doc["pid"] = batch.pid
+    if batch.engine_host is not None:
+        doc["host"] = batch.engine_host
+    payload = orjson.dumps(doc)
     return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def _encode_session(event: SessionEvent) -> dict[str, Any]:
+    kind = "started" if isinstance(event, SessionStarted) else "ended"
+    return {"type": kind, **{f.name: getattr(event, f.name) for f in dataclasses.fields(event)}}
 
 
 def _decode_payload(payload: bytes) -> Batch:
@@ -68,7 +103,37 @@ def _decode_payload(payload: bytes) -> Batch:
                 value = date.fromisoformat(value)
             kwargs[name] = value
         rows.append(GreeksSnapshot(**kwargs))
-    return Batch(uuid.UUID(doc["batch_id"]), rows)
+    positions = tuple(_decode_positions(doc["position_fields"], p) for p in doc.get("positions", ()))
+    sessions = tuple(_decode_session(e) for e in doc.get("sessions", ()))
+    return Batch(uuid.UUID(doc["batch_id"]), rows, positions, sessions, doc.get("pid"), doc.get("host"))
+
+
+def _enum(kind: type[AssetClass] | type[Right], value: Any) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        return value  # a value this code does not know: kept as text
+
+
+def _decode_positions(names: list[str], doc: dict[str, Any]) -> PositionsSnapshot:
+    positions = []
+    for values in doc["positions"]:
+        kwargs = {n: v for n, v in zip(names, values, strict=True) if n in POSITION_FIELDS}
+        if isinstance(kwargs.get("expiry"), str):
+            kwargs["expiry"] = date.fromisoformat(kwargs["expiry"])
+        kwargs["asset_class"] = _enum(AssetClass, kwargs["asset_class"])
+        if kwargs.get("right") is not None:
+            kwargs["right"] = _enum(Right, kwargs["right"])
+        positions.append(UnifiedPosition(**kwargs))
+    return PositionsSnapshot(doc["broker"], tuple(doc["accounts"]), tuple(positions), doc["as_of"])
+
+
+def _decode_session(doc: dict[str, Any]) -> SessionEvent:
+    cls = _SESSION_TYPES[doc["type"]]
+    kwargs = {k: v for k, v in doc.items() if k in _SESSION_FIELDS[cls]}
+    if "accounts" in kwargs:
+        kwargs["accounts"] = tuple(kwargs["accounts"])
+    return cls(**kwargs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,10 @@ class Fault(StrEnum):
     SWITCH_TO_FULL = "switch_to_full"  # DXLink: unsolicited FEED_CONFIG switching to FULL
     BINARY_FRAME = "binary_frame"  # IBKR: send JSON in binary frames
     RATE_LIMITED = "rate_limited"  # IBKR: answer REST requests with HTTP 429 and Retry-After
+    HUGE_FRAME = "huge_frame"  # send a ~1 MB frame the client has no use for
+    WRONG_TYPES = "wrong_types"  # send a frame whose values have the wrong JSON types
+    NAN_VALUES = "nan_values"  # send a frame whose numbers are NaN/Infinity
+    BAD_UTF8 = "bad_utf8"  # send a text frame that is not valid UTF-8
 
 
 @dataclass(slots=True)

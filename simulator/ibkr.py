@@ -27,7 +27,8 @@ frame at once, then frames with the changed fields only, at the times given by
 Simulator-only field: every ``smd`` frame carries ``"_seq"``, an integer, the per-contract sequence
 number recorded in the market ledger (:meth:`simulator.market.Market.ledger`, broker ``"ibkr"``).
 A repeated first frame (``duplicate_first_frame``) repeats its ``_seq``. Corruption faults
-(malformed, truncated, unknown topic) *add* a corrupt frame and never swallow a sequence number.
+(malformed, truncated, unknown topic, huge frame, wrong types, NaN, bad UTF-8) *add* a corrupt
+frame and never swallow a sequence number.
 """
 
 from __future__ import annotations
@@ -1193,12 +1194,22 @@ class IbkrGateway:
             await self._send(conn, text, now)
 
     async def _corrupt_frames(self, conn: _Connection, text: str, now: float) -> None:
+        """Corruption faults *add* a bad frame before the real one, never alter or swallow it."""
         if self.faults.consume(Fault.MALFORMED, now):
             await self._send(conn, '{"topic":"smd+' + text[15:40] + ",,}", now)
         if self.faults.consume(Fault.TRUNCATED, now):
             await self._send(conn, text[: max(len(text) // 2, 1)], now)
         if self.faults.consume(Fault.UNKNOWN_MESSAGE, now):
             await self._send(conn, '{"topic":"zzq","args":{"simulated":true}}', now)
+        if self.faults.consume(Fault.HUGE_FRAME, now):
+            await self._send(conn, '{"topic":"zzq","pad":"' + "x" * 1_000_000 + '"}', now)
+        if self.faults.consume(Fault.WRONG_TYPES, now):
+            bad = {"topic": {"smd": 1}, "conid": "not-a-conid", "_updated": [1], "84": {"x": 1}, "31": [2]}
+            await self._send(conn, orjson.dumps(bad).decode(), now)
+        if self.faults.consume(Fault.NAN_VALUES, now):
+            await self._send(conn, '{"topic":"smd+0","conid":0,"_updated":NaN,"84":NaN,"86":Infinity}', now)
+        if self.faults.consume(Fault.BAD_UTF8, now) and not conn.ws.closed:
+            await conn.ws.send_frame(b'{"topic":"zzq","name":"\xff\xfe\x99"}', WSMsgType.TEXT)
 
     def _values(self, sub: _Subscription, tick: Tick, now: float) -> dict[str, Any]:
         contract = sub.contract

@@ -39,9 +39,13 @@ message. A new subscription makes its contract due at once (the last-value snaps
 Faults (:class:`~simulator.faults.FaultController`, applied at run time):
 ``DROP`` close frame 1001 (one connection per occurrence), ``ABORT`` TCP close without a close
 frame, ``STALL`` socket open and nothing sent while active, ``REFUSE`` HTTP 503 for REST requests
-and WebSocket handshakes, ``MALFORMED`` a frame that is not JSON, ``TRUNCATED`` a FEED_DATA frame
-cut in half, ``UNKNOWN_MESSAGE`` a message of an unknown type, ``WRONG_VALUE_COUNT`` a COMPACT
-FEED_DATA with one value missing, ``BAD_TOKEN`` OAuth refresh and DXLink AUTH rejected,
+and WebSocket handshakes, ``MALFORMED`` a frame that is not JSON, ``TRUNCATED`` a copy of a FEED_DATA
+frame cut in half, ``UNKNOWN_MESSAGE`` a message of an unknown type, ``WRONG_VALUE_COUNT`` a COMPACT
+FEED_DATA copy with one value missing (corruption faults add a bad frame before the real one, they
+never alter or swallow it: every sequence number still arrives intact), ``HUGE_FRAME`` a ~1 MB
+FEED_DATA of junk, ``WRONG_TYPES`` FEED_DATA with values of the wrong JSON types, ``NAN_VALUES``
+bare ``NaN``/``Infinity`` tokens (not JSON), ``BAD_UTF8`` a text frame that is not UTF-8,
+``BAD_TOKEN`` OAuth refresh and DXLink AUTH rejected,
 ``UNAUTHENTICATED`` REST answers 401 while active and open DXLink connections get AUTH_STATE
 UNAUTHORIZED (the client must AUTH again), ``SWITCH_TO_FULL`` an unsolicited FEED_CONFIG to FULL
 on every configured channel of a connection, ``BINARY_FRAME`` the next frame goes out binary.
@@ -313,8 +317,23 @@ class _Connection:
 
     async def _send(self, text: str) -> None:
         faults, now = self.sim.faults, time.time()
-        if text.startswith('{"type":"FEED_DATA"') and faults.consume(Fault.TRUNCATED, now):
-            text = text[: max(len(text) // 2, 1)]
+        if text.startswith('{"type":"FEED_DATA"'):
+            # Corruption faults *add* a bad frame before the real one, never alter or swallow it.
+            if faults.consume(Fault.TRUNCATED, now):
+                await self.ws.send_str(text[: max(len(text) // 2, 1)])
+            if faults.consume(Fault.HUGE_FRAME, now):
+                await self.ws.send_str(
+                    '{"type":"FEED_DATA","channel":1,"data":["Greeks",[' + '"x",' * 250_000 + "1]]}"
+                )
+            if faults.consume(Fault.WRONG_TYPES, now):
+                await self.ws.send_str('{"type":"FEED_DATA","channel":"one","data":{"Greeks":true}}')
+                await self.ws.send_str(
+                    '{"type":"FEED_DATA","channel":1,"data":["Greeks",[[1],{"a":2},true]]}'
+                )
+            if faults.consume(Fault.NAN_VALUES, now):
+                await self.ws.send_str('{"type":"FEED_DATA","channel":1,"data":["Greeks",[NaN,Infinity]]}')
+            if faults.consume(Fault.BAD_UTF8, now):
+                await self.ws.send_frame(b'{"type":"SIM_UNKNOWN","channel":0,"x":"\xff\xfe"}', WSMsgType.TEXT)
         if self.binary_next or faults.consume(Fault.BINARY_FRAME, now):
             self.binary_next = False
             await self.ws.send_bytes(text.encode())
@@ -988,10 +1007,10 @@ class TastytradeSim:
         for (conn, channel, event_type), events_list in batches.items():
             step = self.max_events_per_message
             for start in range(0, len(events_list), step):
-                drop = 1 if self.faults.consume(Fault.WRONG_VALUE_COUNT, now) else 0
-                conn.proto.feed_data(
-                    channel, event_type, events_list[start : start + step], mono, drop_values=drop
-                )
+                chunk = events_list[start : start + step]
+                if self.faults.consume(Fault.WRONG_VALUE_COUNT, now):  # a bad copy first
+                    conn.proto.feed_data(channel, event_type, chunk, mono, drop_values=1)
+                conn.proto.feed_data(channel, event_type, chunk, mono)
             touched.add(conn)
         for conn in touched:
             conn.wake()

@@ -315,7 +315,10 @@ class _Attempt:
         counters, ctx = self.counters, self.ctx
         try:
             await self._flush(conn)  # SETUP
-            async for message in conn.ws:
+            while True:
+                # bytes for text frames too: a frame that is not UTF-8 is then one malformed
+                # message (counted), not a connection the library fails with 1007
+                message = await conn.ws.recv(decode=False)
                 received = clock()
                 counters.frames_total += 1
                 proto.receive_text(message, mono())
@@ -334,10 +337,8 @@ class _Attempt:
                     self.task_status = None
                 if ended is not None:
                     return ended
-        except ConnectionClosed as exc:
+        except ConnectionClosed as exc:  # a clean close too (ConnectionClosedOK)
             return _Outcome(_describe_close(exc), conn.started)
-        code, text = conn.ws.close_code, conn.ws.close_reason
-        return _Outcome(f"closed {code} {text or ''}".strip(), conn.started)
 
     async def _timers(self, conn: _Connection) -> None:
         proto = conn.proto

@@ -52,9 +52,12 @@ async def _history_counts(dsn: str) -> tuple[int, int, dict[str, int]]:
     try:
         total = await conn.fetchval("SELECT count(*) FROM greeks_history")
         distinct = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT DISTINCT broker, account, instrument, seq FROM greeks_history) d"
+            "SELECT count(*) FROM (SELECT DISTINCT broker, account, instrument, seq"
+            " FROM greeks_history_wide) d"
         )
-        per_broker = dict(await conn.fetch("SELECT broker, count(*) FROM greeks_history GROUP BY broker"))
+        per_broker = dict(
+            await conn.fetch("SELECT broker, count(*) FROM greeks_history_wide GROUP BY broker")
+        )
         return total, distinct, per_broker
     finally:
         await conn.close()

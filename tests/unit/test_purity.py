@@ -28,7 +28,7 @@ PURE = [
     ROOT / "supervisor" / "policy.py",
     ROOT / "supervisor" / "errors.py",
     ROOT / "config" / "settings.py",
-    *(ROOT / "db" / name for name in ("batch.py", "latency.py", "spool.py")),
+    *(ROOT / "db" / name for name in ("batch.py", "encode.py", "latency.py", "spool.py")),
     *(ROOT / "simulator" / name for name in ("dxlink_protocol.py", "market.py", "faults.py", "schedule.py")),
     ROOT / "bench" / "feed" / "templates.py",
 ]

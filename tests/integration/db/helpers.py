@@ -143,6 +143,15 @@ class WriterHarness:
         return self.status
 
 
+# The newest row's seq per instrument, read from the tables (not through a view).
+LATEST_SEQ_BY_INSTRUMENT = """
+SELECT i.instrument, l.seq
+FROM greeks_latest l
+JOIN position_keys k ON k.position_id = l.position_id
+JOIN instruments i ON i.instrument_id = k.instrument_id
+"""
+
+
 async def count(dsn: str, sql: str, *args: Any) -> Any:
     conn = await asyncpg.connect(dsn)
     try:

@@ -1,4 +1,5 @@
-"""db.copy.write_batch: COPY history, upsert latest, record the batch id, commit once."""
+"""db.copy.write_batch: history rows, latest upsert and batch id committed once, by the
+one-statement path (small batches) and the COPY path (large ones)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ import asyncpg
 import pytest
 
 from db.batch import Batch, days_of
-from db.copy import connect, ensure_partitions, write_batch
+from db.copy import COPY_MIN_ROWS, connect, ensure_partitions, write_batch
 from db.migrate import migrate
 
-from .helpers import snapshot
+from .helpers import LATEST_SEQ_BY_INSTRUMENT, snapshot
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
 TS = 1_710_000_000.0000005  # a half microsecond: rounding must match datetime.fromtimestamp
 
 
-async def test_batch_written_once_with_latest_and_exact_times(dsn: str) -> None:
+PATHS = pytest.mark.parametrize("copy_min_rows", [COPY_MIN_ROWS, 1], ids=["one-statement", "copy"])
+
+
+@PATHS
+async def test_batch_written_once_with_latest_and_exact_times(dsn: str, copy_min_rows: int) -> None:
     await migrate(dsn)
     # Instrument i % 5; within a position the newest event wins, a tie goes to the later row.
     rows = [snapshot(i, ts=TS + (i % 3) * 0.25, n_instruments=5) for i in range(30)]
@@ -27,8 +32,10 @@ async def test_batch_written_once_with_latest_and_exact_times(dsn: str) -> None:
     conn = await connect(dsn)
     try:
         await ensure_partitions(conn, days_of(rows))
-        assert await write_batch(conn, batch) is True
-        assert await write_batch(conn, batch) is False  # same id: nothing written
+        assert await write_batch(conn, batch, copy_min_rows=copy_min_rows) is True
+        assert (
+            await write_batch(conn, batch, copy_min_rows=copy_min_rows) is False
+        )  # same id: nothing written
         assert await conn.fetchval("SELECT count(*) FROM greeks_history") == 30
         facts = await conn.fetchrow("SELECT * FROM ingest_batches")
         assert facts["row_count"] == 30
@@ -38,7 +45,7 @@ async def test_batch_written_once_with_latest_and_exact_times(dsn: str) -> None:
         for rec, row in zip(stored, rows, strict=True):
             assert rec["event_ts"] == datetime.fromtimestamp(row.event_ts, UTC)
             assert rec["received_ts"] == datetime.fromtimestamp(row.received_ts, UTC)
-        latest = dict(await conn.fetch("SELECT instrument, seq FROM greeks_latest"))
+        latest = dict(await conn.fetch(LATEST_SEQ_BY_INSTRUMENT))
         expected: dict[str, int] = {}
         for row in rows:
             best = expected.get(row.instrument)

@@ -73,9 +73,8 @@ async def test_retention_drops_old_partitions(dsn: str, db_settings: DatabaseSet
         assert await ensure_partitions(conn, old) == old
         assert await ensure_partitions(conn, old) == []  # idempotent
         await conn.execute(
-            "INSERT INTO greeks_history (batch_id, broker, account, instrument, underlying, "
-            "asset_class, multiplier, quantity, event_ts, received_ts) VALUES "
-            "(gen_random_uuid(), 'b', 'a', 'i', 'u', 'OPT', 1, 1, '2024-02-01T12:00Z', now())"
+            "INSERT INTO greeks_history (position_id, quantity, event_ts, received_ts) "
+            "VALUES (1, 1, '2024-02-01T12:00Z', now())"
         )
     finally:
         await conn.close()

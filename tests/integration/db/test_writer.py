@@ -14,7 +14,7 @@ from config.settings import DatabaseSettings
 from db.migrate import migrate
 from supervisor.errors import FatalError
 
-from .helpers import WriterHarness, count, fetch, snapshot
+from .helpers import LATEST_SEQ_BY_INSTRUMENT, WriterHarness, count, fetch, snapshot
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -43,7 +43,7 @@ async def test_n_rows_in_exactly_n_rows_committed(dsn: str, db_settings: Databas
     assert await count(dsn, "SELECT count(*) FROM greeks_history") == n
     assert await count(dsn, "SELECT count(DISTINCT seq) FROM greeks_history") == n
     assert await count(dsn, "SELECT sum(row_count) FROM ingest_batches") == n
-    latest = await fetch(dsn, "SELECT instrument, seq FROM greeks_latest ORDER BY instrument")
+    latest = await fetch(dsn, LATEST_SEQ_BY_INSTRUMENT)
     expected: dict[str, int] = {}
     for r in rows:
         expected[r.instrument] = r.seq or 0  # later rows have later event times
@@ -149,16 +149,16 @@ async def test_nan_values_are_stored_as_no_value_and_counted(dsn: str, db_settin
             async with harness.send:
                 await harness.send.send([nan_delta, nan_time, snapshot(3)])
 
-    assert harness.status["nonfinite_values"] == 2
+    assert harness.status["nonfinite_values"] == 1  # pos_delta is not stored (derived by the views)
     assert harness.status["rejected_rows"] == 1
     assert harness.status["rows_total"] == 2
     assert harness.events("nonfinite_values_cleared")
-    stored = await fetch(dsn, "SELECT seq, delta, pos_delta FROM greeks_history ORDER BY seq")
+    stored = await fetch(dsn, "SELECT seq, delta, pos_delta FROM greeks_history_wide ORDER BY seq")
     assert [(r["seq"], r["delta"], r["pos_delta"]) for r in stored] == [
         (1, None, None),
         (3, snapshot(3).delta, snapshot(3).pos_delta),
     ]
     nan_count = await fetch(
-        dsn, "SELECT count(*) AS n FROM greeks_latest WHERE delta = 'NaN' OR pos_delta = 'NaN'"
+        dsn, "SELECT count(*) AS n FROM greeks_current WHERE delta = 'NaN' OR pos_delta = 'NaN'"
     )
     assert nan_count[0]["n"] == 0

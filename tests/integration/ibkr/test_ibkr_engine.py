@@ -92,7 +92,8 @@ async def history(dsn: str) -> list[asyncpg.Record]:
         return list(
             await conn.fetch(
                 "SELECT account, instrument, count(*) AS n, count(DISTINCT seq) AS seqs, "
-                "max(seq) AS last_seq, count(delta) AS with_delta FROM greeks_history WHERE broker = 'ibkr' "
+                "max(seq) AS last_seq, count(delta) AS with_delta FROM greeks_history_wide "
+                "WHERE broker = 'ibkr' "
                 "GROUP BY account, instrument"
             )
         )

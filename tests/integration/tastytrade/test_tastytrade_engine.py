@@ -31,7 +31,7 @@ async def _history(dsn: str) -> list[asyncpg.Record]:
         return list(
             await conn.fetch(
                 "SELECT account, instrument, seq, quantity, delta, bid, ask, mark, greeks_source "
-                "FROM greeks_history WHERE broker = 'tastytrade'"
+                "FROM greeks_history_wide WHERE broker = 'tastytrade'"
             )
         )
     finally:

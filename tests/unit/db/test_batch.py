@@ -1,4 +1,4 @@
-"""db.batch: records for COPY, latest-per-position, days and partitions, the batch builder."""
+"""db.batch: days and partitions, the batch builder (rows and RowsBatch items), clean_rows."""
 
 from __future__ import annotations
 
@@ -11,45 +11,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from db.batch import (
-    HISTORY_COLUMNS,
-    REC_EVENT,
     Batch,
     BatchBuilder,
-    batch_facts,
     clean_rows,
     days_of,
-    iter_records,
-    latest_of,
-    latest_records,
     partition_days,
     posix_to_us,
     retention_cutoff,
-    to_records,
     utc_day,
 )
-from normalize.model import SNAPSHOT_FIELDS
+from normalize.events import PositionsSnapshot, RowsBatch, SessionEnded, SessionStarted
 
-from .rows import row, snapshots
-
-
-def test_columns_follow_the_model_with_right_renamed() -> None:
-    assert HISTORY_COLUMNS[0] == "batch_id"
-    assert len(HISTORY_COLUMNS) == len(SNAPSHOT_FIELDS) + 1
-    assert "option_right" in HISTORY_COLUMNS
-    assert "right" not in HISTORY_COLUMNS
-
-
-def test_records_keep_values_and_posix_times() -> None:
-    bid = uuid.uuid4()
-    (rec,) = to_records(Batch(bid, [row(1, ts=1_700_000_000.5)]))
-
-    assert rec[0] == bid
-    as_dict = dict(zip(HISTORY_COLUMNS, rec, strict=True))
-    # Times stay POSIX seconds; the writer connection's timestamptz codec converts them.
-    assert as_dict["event_ts"] == 1_700_000_000.5
-    assert as_dict["received_ts"] == 1_700_000_000.501
-    assert as_dict["option_right"] == "C"
-    assert as_dict["seq"] == 1
+from .rows import row
 
 
 @given(st.floats(min_value=-1e10, max_value=1e10))
@@ -62,34 +35,6 @@ def test_posix_to_us_rounds_like_fromtimestamp(ts: float) -> None:
 def test_posix_to_us_half_even_edges(ts: float) -> None:
     expected = datetime.fromtimestamp(ts, UTC) - datetime(1970, 1, 1, tzinfo=UTC)
     assert posix_to_us(ts) == expected // timedelta(microseconds=1)
-
-
-@given(st.lists(snapshots, max_size=30))
-def test_latest_records_keeps_the_newest_per_position(rows: list) -> None:
-    records = to_records(Batch(uuid.uuid4(), rows))
-    latest = latest_records(records)
-
-    keys = {(r.broker, r.account, r.instrument) for r in rows}
-    assert len(latest) == len(keys)
-    for rec in latest:
-        same = [r for r in records if r[1:4] == rec[1:4]]
-        newest = max((r[REC_EVENT], r[REC_EVENT + 1]) for r in same)
-        assert (rec[REC_EVENT], rec[REC_EVENT + 1]) == newest
-
-
-def test_latest_tie_goes_to_the_later_row() -> None:
-    a = row(1, ts=10.0, instrument="X")
-    b = row(2, ts=10.0, instrument="X")
-    (rec,) = latest_records(to_records(Batch(uuid.uuid4(), [a, b])))
-    assert rec[HISTORY_COLUMNS.index("seq")] == 2
-
-
-def test_batch_facts() -> None:
-    facts = batch_facts([row(0, ts=100.0), row(1, ts=50.0)])
-    assert facts.row_count == 2
-    assert facts.min_event_ts == datetime.fromtimestamp(50.0, UTC)
-    assert facts.max_received_ts == datetime.fromtimestamp(100.001, UTC)
-    assert batch_facts([]).row_count == 0
 
 
 @pytest.mark.parametrize(
@@ -139,22 +84,32 @@ def test_builder_caps_rows_and_time() -> None:
     assert not b.full(100.0)
     b.add([row(2), row(3), row(4), row(5)])
     assert b.full(100.0)  # 6 rows >= 5: the item that reaches the cap is kept whole
-    assert len(b.take()) == 6
+    assert len(b.take().rows) == 6
     b.start([row(0)], now=200.0)
     assert not b.full(200.04)
     assert b.full(200.05)
-    assert b.take() == [row(0)]
-    assert b.take() == []
+    assert b.take().rows == [row(0)]
+    assert b.take().empty
     with pytest.raises(ValueError):
         BatchBuilder(0, 1.0)
 
 
-@given(st.lists(snapshots, max_size=30))
-def test_latest_of_and_iter_records_match_the_record_lists(rows: list) -> None:
-    batch = Batch(uuid.uuid4(), rows)
-    records = to_records(batch)
-    assert list(iter_records(batch)) == records
-    assert latest_of(batch) == latest_records(records)
+def test_builder_takes_rows_batches_and_plain_rows_in_order() -> None:
+    snap = PositionsSnapshot("ibkr", ("U1",), (), 10.0)
+    start = SessionStarted("ibkr", "s1", ("U1",), "gw:5000", "simulated", 1.0)
+    end = SessionEnded("ibkr", "s1", 2.0, "closed 1001", 7)
+    b = BatchBuilder(max_rows=100, max_delay_s=1.0)
+    b.start(RowsBatch([row(0)], (snap,), (start,)), now=0.0)
+    b.add([row(1)])
+    b.add(RowsBatch([], (), (end,)))  # no rows, still carried
+    assert not b.full(0.0)
+    taken = b.take()
+    assert taken.rows == [row(0), row(1)]
+    assert taken.positions == [snap]
+    assert taken.sessions == [start, end]
+    assert not taken.empty
+    assert Batch(uuid.uuid4(), [], (snap,)).empty is False
+    assert Batch(uuid.uuid4(), []).empty
 
 
 class TestCleanRows:
@@ -169,13 +124,14 @@ class TestCleanRows:
     @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
     def test_nonfinite_optional_values_become_none(self, bad: float) -> None:
         good = row(1)
-        dirty = row(2)._replace(delta=bad, iv=bad, bid=bad, pos_vega=bad)
+        # pos_* exposures are not stored (the views derive them): not cleared, not counted.
+        dirty = row(2)._replace(delta=bad, iv=bad, bid=bad, rho=bad, pos_vega=bad)
         cleaned = clean_rows([good, dirty])
         assert cleaned.values_cleared == 4
         assert cleaned.rejected == []
         assert cleaned.rows[0] is good
         fixed = cleaned.rows[1]
-        assert (fixed.delta, fixed.iv, fixed.bid, fixed.pos_vega) == (None, None, None, None)
+        assert (fixed.delta, fixed.iv, fixed.bid, fixed.rho) == (None, None, None, None)
         assert fixed.gamma == dirty.gamma
         assert fixed.seq == dirty.seq
 
@@ -183,6 +139,14 @@ class TestCleanRows:
         big = row(1)._replace(bid=1e308, ask=1e308)
         cleaned = clean_rows([big])
         assert cleaned.rows == [big]
+        assert cleaned.values_cleared == 0
+
+    def test_rows_with_an_unknown_greeks_source_are_set_aside(self) -> None:
+        good = [row(1)._replace(greeks_source="broker"), row(2)._replace(greeks_source="model"), row(3)]
+        bad = [row(4)._replace(greeks_source="guess"), row(5)._replace(greeks_source=["x"])]  # type: ignore[arg-type]
+        cleaned = clean_rows([*good, *bad])
+        assert cleaned.rows == good
+        assert cleaned.rejected == bad
         assert cleaned.values_cleared == 0
 
     @pytest.mark.parametrize("field", ["event_ts", "received_ts", "quantity", "multiplier"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+from dataclasses import replace
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from hypothesis import strategies as st
 
 from db.batch import Batch
 from db.spool import HEADER_SIZE, Segment, Spool, decode_frames, encode_batch
+from normalize.events import PositionsSnapshot, SessionEnded, SessionStarted
+from normalize.model import SNAPSHOT_FIELDS, AssetClass, Right, UnifiedPosition
 
 from .rows import row, snapshots
 
@@ -210,3 +214,65 @@ def test_lease_counts_rows_it_cannot_read(tmp_path: Path) -> None:
     assert spool.lost_rows == 5
     assert spool.lease_error is not None
     assert "checksum" in spool.lease_error
+
+
+def _positions_snapshot(as_of: float) -> PositionsSnapshot:
+    return PositionsSnapshot(
+        "ibkr",
+        ("U1", "U2"),
+        (
+            UnifiedPosition("ibkr", "U1", "SPY   250117C00500000", "SPY", AssetClass.OPTION, Right.CALL,
+                            500.0, date(2025, 1, 17), 100.0, -2.0, 1.25),
+            UnifiedPosition("ibkr", "U1", "SPY", "SPY", AssetClass.STOCK, None, None, None, 1.0, 100.0, None),
+        ),
+        as_of,
+    )  # fmt: skip
+
+
+def test_positions_sessions_and_origin_round_trip() -> None:
+    batch = Batch(
+        uuid.uuid4(),
+        [row(1)],
+        (_positions_snapshot(10.0), PositionsSnapshot("tastytrade", ("5WT1",), (), 11.0)),
+        (
+            SessionStarted("ibkr", "s1", ("U1", "U2"), "gw:5000", "simulated", 1.5),
+            SessionEnded("ibkr", "s1", 9.5, "closed 1001", 42),
+        ),
+        pid=4242,
+        engine_host="box",
+    )
+
+    (decoded,) = decode_frames(encode_batch(batch)).batches
+
+    assert decoded == batch
+    (snap, _) = decoded.positions
+    assert snap.positions[0].asset_class is AssetClass.OPTION
+    assert snap.positions[0].right is Right.CALL
+    assert isinstance(decoded.sessions[0].accounts, tuple)
+
+
+def test_frames_without_positions_or_sessions_still_decode() -> None:
+    # As written before RowsBatch existed (and before greeks_source: 0001's fields).
+    fields = [f for f in SNAPSHOT_FIELDS if f != "greeks_source"]
+    payload = orjson.dumps(
+        {"batch_id": str(uuid.uuid4()), "fields": fields, "rows": [[getattr(row(3), f) for f in fields]]}
+    )
+    import struct
+    import zlib
+
+    frame = struct.pack(">4sII", b"GSP1", len(payload), zlib.crc32(payload)) + payload
+    (decoded,) = decode_frames(frame).batches
+    assert decoded.rows == [row(3)]
+    assert (decoded.positions, decoded.sessions, decoded.pid, decoded.engine_host) == ((), (), None, None)
+
+
+def test_an_unknown_asset_class_is_kept_as_text() -> None:
+    snap = _positions_snapshot(1.0)
+    odd = PositionsSnapshot(
+        "ibkr",
+        ("U1",),
+        (replace(snap.positions[0], asset_class="WAR"),),
+        1.0,  # type: ignore[arg-type]
+    )
+    (decoded,) = decode_frames(encode_batch(Batch(uuid.uuid4(), [], (odd,)))).batches
+    assert decoded.positions[0].positions[0].asset_class == "WAR"
