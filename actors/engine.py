@@ -82,7 +82,13 @@ async def broker_simulators(settings: Settings, modes: dict[str, str]) -> AsyncI
         seed=settings.sim.seed, positions=settings.sim.positions, rate_hz=settings.sim.rate_hz
     )
     async with run_simulators(config, brokers=simulated) as sims:
-        get_logger(actor="engine").info("simulators_started", brokers=simulated, **sims.urls())
+        get_logger(actor="engine").info(
+            "simulators_started",
+            brokers=simulated,
+            seed=config.seed,
+            market_start_ts=sims.market.start_ts,  # with the seed: the market can be recomputed
+            **sims.urls(),
+        )
         yield with_simulators(settings, sims)
 
 

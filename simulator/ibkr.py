@@ -1169,14 +1169,16 @@ class IbkrGateway:
 
     async def _emit(self, conn: _Connection, sub: _Subscription, now: float) -> None:
         contract = sub.contract
-        tick = self.market.tick(BROKER, contract.key, now)
+        # `_updated` is whole milliseconds: tick at one, so a frame's time gives its values back
+        # exactly (the market model at that instant), as the Tastytrade simulator does.
+        tick = self.market.tick(BROKER, contract.key, math.floor(now * 1000.0) / 1000.0)
         values = self._values(sub, tick, now)
         full = sub.full_pending
         frame: dict[str, Any] = {
             "server_id": conn.server_id,
             "conidEx": str(contract.conid),
             "conid": contract.conid,
-            "_updated": int(tick.ts * 1000),
+            "_updated": round(tick.ts * 1000),
             "6119": conn.server_id,
         }
         frame.update({k: v for k, v in values.items() if full or sub.last_sent.get(k) != v})
