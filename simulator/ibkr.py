@@ -8,7 +8,9 @@ REST (``/v1/api``): ``POST /tickle``, ``GET|POST /iserver/auth/status``,
 ``POST /iserver/auth/ssodh/init``, ``POST /iserver/reauthenticate``, ``GET /iserver/accounts``,
 ``GET /portfolio/accounts``, ``GET /portfolio/{acct}/positions/{page}`` (100 a page),
 ``GET /portfolio/{acct}/position/{conid}``, ``POST /portfolio/{acct}/positions/invalidate``,
-``GET /trsrv/secdef?conids=..`` (at most 200), ``GET /sso/validate``, ``POST /logout``.
+``GET /trsrv/secdef?conids=..`` (at most 200), ``GET /iserver/marketdata/snapshot?conids=..&fields=..``
+(at most 100 conids, 50 fields; the first call per conid is the pre-flight and carries no data),
+``GET /sso/validate``, ``POST /logout``.
 Every REST request keeps the session alive; without any for ``session_timeout_s`` the brokerage
 session becomes unauthenticated (``sts`` with ``authenticated:false`` on every socket, data stops)
 until ``POST /iserver/auth/ssodh/init`` (or ``/iserver/reauthenticate``).
@@ -59,6 +61,8 @@ BROKER = "ibkr"
 SEQ_FIELD = "_seq"
 PAGE_SIZE = 100
 SECDEF_MAX_CONIDS = 200
+SNAPSHOT_MAX_CONIDS = 100
+SNAPSHOT_MAX_FIELDS = 50
 SERVER_NAME = "JifZ11074"
 SERVER_VERSION = "Build 10.45.1a, Apr 28, 2026 4:11:09 PM"
 GREEK_FIELDS = frozenset({"7308", "7309", "7310", "7311", "7633"})
@@ -308,6 +312,7 @@ class IbkrGateway:
         self._changed = asyncio.Condition()
         self._monitor_wake = asyncio.Event()
         self._prior_close: dict[str, float] = {}
+        self._snapshot_seen: set[int] = set()  # conids whose snapshot pre-flight was made
         self._ssl = self._make_ssl()
         self.faults.add_listener(self._on_fault)
 
@@ -337,6 +342,7 @@ class IbkrGateway:
         r.add_post("/v1/api/portfolio/{acct}/positions/invalidate", self._invalidate)
         r.add_get("/v1/api/portfolio/{acct}/position/{conid}", self._position)
         r.add_get("/v1/api/trsrv/secdef", self._secdef)
+        r.add_get("/v1/api/iserver/marketdata/snapshot", self._snapshot)
         r.add_get("/v1/api/sso/validate", self._sso_validate)
         r.add_post("/v1/api/logout", self._logout)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None)
@@ -816,6 +822,51 @@ class IbkrGateway:
             return self._json({"error": "too many conids (max 200)"}, status=400)
         rows = [self._secdef_row(self.market.by_conid[c]) for c in conids if c in self.market.by_conid]
         return self._json({"secdef": rows})
+
+    async def _snapshot(self, request: web.Request) -> web.Response:
+        """``GET /iserver/marketdata/snapshot?conids=1,2&fields=31,84``: one object per conid.
+
+        As documented: at most 100 conids and 50 fields; the first request for a conid is the
+        pre-flight and returns only ``conid``/``conidEx``; later ones carry the fields (strings,
+        as in ``smd`` frames), ``_updated`` (ms), ``server_id``, ``6119``, ``6509`` and the
+        simulator-only ``_seq`` (the last sequence number emitted for the contract)."""
+        if not self.authenticated:
+            return self._json({"error": "not authenticated", "statusCode": 401}, status=401)
+        try:
+            conids = [int(x) for x in request.query.get("conids", "").split(",") if x.strip()]
+        except ValueError:
+            return self._json({"error": "invalid conids"}, status=400)
+        fields = [f.strip() for f in request.query.get("fields", "").split(",") if f.strip()]
+        if not conids:
+            return self._json({"error": "conids required"}, status=400)
+        if len(conids) > SNAPSHOT_MAX_CONIDS or len(fields) > SNAPSHOT_MAX_FIELDS:
+            return self._json({"error": "too many conids (max 100) or fields (max 50)"}, status=400)
+        now = time.time()
+        rows: list[dict[str, Any]] = []
+        for conid in conids:
+            contract = self.market.by_conid.get(conid)
+            if contract is None:
+                continue
+            row: dict[str, Any] = {"conidEx": str(conid), "conid": conid}
+            if conid in self._snapshot_seen:
+                row.update(self._snapshot_row(contract, fields or list(DEFAULT_FIELDS), now))
+            else:
+                self._snapshot_seen.add(conid)
+            rows.append(row)
+        return self._json(rows)
+
+    def _snapshot_row(self, contract: SimContract, fields: list[str], now: float) -> dict[str, Any]:
+        """The data part of one snapshot object (a seam: the benchmark feed replays ticks here)."""
+        sub = _Subscription(contract, fields, None, now - 3600.0, math.inf, 0)
+        values = self._values(sub, self.market.peek(contract.key, now, broker=BROKER), now)
+        server_id = "q0"
+        return {
+            "_updated": int(now * 1000),
+            "server_id": server_id,
+            "6119": server_id,
+            **values,
+            SEQ_FIELD: self.seen_seq(contract.key),
+        }
 
     async def _sso_validate(self, request: web.Request) -> web.Response:
         return self._json(

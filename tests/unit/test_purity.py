@@ -30,6 +30,7 @@ PURE = [
     ROOT / "config" / "settings.py",
     *(ROOT / "db" / name for name in ("batch.py", "encode.py", "latency.py", "spool.py")),
     *(ROOT / "simulator" / name for name in ("dxlink_protocol.py", "market.py", "faults.py", "schedule.py")),
+    ROOT / "bench" / "feed" / "templates.py",
 ]
 
 
