@@ -213,10 +213,16 @@ class Spool:
         return len(self.segments)
 
     def open(self) -> Spool:
-        """Scan existing segments (a previous run's spool), cutting off torn tails."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Scan existing segments (a previous run's spool), cutting off torn tails.
+
+        The segments hold account numbers and positions: the directory is made (or narrowed
+        to) 0700 and every segment file to 0600, whatever the umask or an earlier version left.
+        """
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
         self.segments = []
         for path in sorted(self.directory.glob("spool-*.seg")):
+            os.chmod(path, 0o600)
             data = path.read_bytes()
             decoded = decode_frames(data)
             if decoded.error is not None:
@@ -296,7 +302,7 @@ class Spool:
     def _new_segment(self) -> Segment:
         path = self.directory / f"spool-{self._next:012d}.seg"
         self._next += 1
-        path.touch()
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self._fsync_dir()
         seg = Segment(path, 0, 0)
         self.segments.append(seg)

@@ -111,6 +111,29 @@ def test_spool_segments_replay_and_reopen(tmp_path: Path) -> None:
     assert reopened.bytes == 0
 
 
+def test_spool_files_are_private(tmp_path: Path) -> None:
+    """Segments hold account numbers and positions: 0600 files in a 0700 directory, whatever
+    the umask, and an existing spool left world-readable by an earlier version is narrowed."""
+    old_umask = os.umask(0o022)
+    try:
+        directory = tmp_path / "spool"
+        spool = Spool(directory, max_bytes=1 << 20, segment_bytes=200).open()
+        spool.append([Batch(uuid.uuid4(), [row(1)])])
+        spool.append([Batch(uuid.uuid4(), [row(2)])])
+        assert (directory.stat().st_mode & 0o777) == 0o700
+        assert [p.stat().st_mode & 0o777 for p in directory.glob("spool-*.seg")] == [0o600, 0o600]
+
+        os.chmod(directory, 0o755)
+        for path in directory.glob("spool-*.seg"):
+            os.chmod(path, 0o644)
+        reopened = Spool(directory, max_bytes=1 << 20).open()
+        assert reopened.rows == 2
+        assert (directory.stat().st_mode & 0o777) == 0o700
+        assert {p.stat().st_mode & 0o777 for p in directory.glob("spool-*.seg")} == {0o600}
+    finally:
+        os.umask(old_umask)
+
+
 def test_over_the_cap_the_oldest_is_dropped(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=1500, segment_bytes=400).open()
     dropped = 0
