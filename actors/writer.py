@@ -58,7 +58,7 @@ from db.batch import (
     retention_cutoff,
     utc_day,
 )
-from db.encode import RECEIVED_TS, BatchDataError, Dimensions, Prepared, session_ok, snapshot_ok
+from db.encode import EVENT_TS, RECEIVED_TS, BatchDataError, Dimensions, Prepared, session_ok, snapshot_ok
 from db.latency import LatencyTracker
 from db.migrate import migrate
 from db.spool import Spool
@@ -70,6 +70,7 @@ from supervisor.spec import RunFn
 UPKEEP_INTERVAL_S = 3600.0
 ENGINE_STOPPED = "engine_stopped"  # end_reason of the sessions the writer closes at its drain
 _received_ts = operator.attrgetter("received_ts")
+_event_ts = operator.attrgetter("event_ts")
 _MAX_REPLAY_ERRORS = 5  # unclassified PostgreSQL errors retried per recovery before crashing
 
 
@@ -155,6 +156,9 @@ class _Writer:
         self.spool_lock = anyio.Lock()
         self.builder = BatchBuilder(settings.batch_max_rows, settings.batch_max_delay_ms / 1000)
         self.latency = LatencyTracker()
+        # Broker event time (the broker's clock: the wire's own stamp) to commit, so the wire,
+        # the decoding and the normalizer count too; skew between the clocks shows here.
+        self.event_latency = LatencyTracker()
         self.known_days: set[Any] = set()
         self.dims = Dimensions()  # position ids, cleared on every (re)connect
         self.pid = os.getpid()
@@ -421,6 +425,8 @@ class _Writer:
                     prepared.cols[RECEIVED_TS] if prepared is not None else map(_received_ts, batch.rows)
                 )
                 self.latency.record_commit(received, committed_at)
+                events = prepared.cols[EVENT_TS] if prepared is not None else map(_event_ts, batch.rows)
+                self.event_latency.record_commit(events, committed_at)
                 self.ctx.record_events(n)
             self.log.debug("batch_committed", rows=n, batch_id=str(batch.batch_id))
         else:
@@ -785,6 +791,7 @@ class _Writer:
             "rows_total": self.rows_total,
             "batches_total": self.batches_total,
             "latency_ms": self.latency.summary_ms(now),
+            "event_latency_ms": self.event_latency.summary_ms(now),
             "buffer_rows": self.memory_rows,
             "spool_rows": self.spool.rows,
             "spool_bytes": self.spool.bytes,

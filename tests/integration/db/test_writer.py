@@ -60,6 +60,24 @@ async def test_n_rows_in_exactly_n_rows_committed(dsn: str, db_settings: Databas
     assert harness.registry.actors["writer"].events_total == n
 
 
+async def test_event_latency_counts_from_the_broker_event_time(dsn: str, db_settings: DatabaseSettings) -> None:
+    # Rows the broker stamped 2 s before they were received (a slow wire, or a skewed clock):
+    # receive-to-commit stays small, event-to-commit carries the 2 s.
+    now = time.time()
+    rows = [snapshot(i, ts=now - 2.0, received=now) for i in range(200)]
+    harness = WriterHarness(db_settings, dsn)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            async with harness.send:
+                await harness.send.send(rows)
+    status = harness.status
+    assert status["latency_ms"]["count"] == status["event_latency_ms"]["count"] == 200
+    assert status["latency_ms"]["max"] < 2000
+    assert 2000 <= status["event_latency_ms"]["p50"] <= status["event_latency_ms"]["max"]
+    assert status["event_latency_ms"]["max"] - status["latency_ms"]["max"] == pytest.approx(2000, abs=5)
+
+
 async def test_batches_grow_under_load_and_respect_the_cap(dsn: str, db_settings: DatabaseSettings) -> None:
     settings = replace(db_settings, batch_max_rows=100, batch_max_delay_ms=10_000)
     harness = WriterHarness(settings, dsn, capacity=1000)
