@@ -60,7 +60,9 @@ async def test_n_rows_in_exactly_n_rows_committed(dsn: str, db_settings: Databas
     assert harness.registry.actors["writer"].events_total == n
 
 
-async def test_event_latency_counts_from_the_broker_event_time(dsn: str, db_settings: DatabaseSettings) -> None:
+async def test_event_latency_counts_from_the_broker_event_time(
+    dsn: str, db_settings: DatabaseSettings
+) -> None:
     # Rows the broker stamped 2 s before they were received (a slow wire, or a skewed clock):
     # receive-to-commit stays small, event-to-commit carries the 2 s.
     now = time.time()
