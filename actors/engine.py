@@ -212,7 +212,10 @@ def _specs(
         ),
         ActorSpec(
             "normalizer",
-            make_normalizer(risk_free_rate=settings.risk_free_rate),
+            make_normalizer(
+                risk_free_rate=settings.risk_free_rate,
+                conflate_after_rows=settings.channels.conflate_after_rows,
+            ),
             Restart.PERMANENT,
             backoff,
             intensity,

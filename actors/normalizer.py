@@ -40,12 +40,13 @@ def make_normalizer(
     *,
     risk_free_rate: float = 0.04,
     max_batches: int = 256,
+    conflate_after_rows: int = 0,
     clock: Callable[[], float] = time.monotonic,
     book: Book | None = None,
 ) -> RunFn:
     """The normalizer's ``RunFn`` (``book``: inject one to inspect it in tests)."""
     book = book if book is not None else Book(risk_free_rate=risk_free_rate)
-    outbox = Outbox()
+    outbox = Outbox(keep_rows=conflate_after_rows)
     bad_seen = 0
 
     async def run(ctx: ActorContext, task_status: TaskStatus[None]) -> None:

@@ -59,6 +59,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "RESTART_PERIOD_S": ("60", "window of the restart intensity"),
     "CHANNEL_RAW_CAPACITY": ("256", "batches buffered between brokers and normalizer"),
     "CHANNEL_ROWS_CAPACITY": ("256", "batches buffered between normalizer and writer"),
+    "CONFLATE_AFTER_ROWS": (
+        "50000",
+        "rows the normalizer holds, all kept, while the rows channel is full; past it: conflation",
+    ),
     "DATABASE_URL": ("(unset)", "PostgreSQL DSN; unset starts the embedded server (secret)"),
     "EMBEDDED_PG_DIR": ("$VAR_DIR/postgres", "data directory of the embedded server"),
     "EMBEDDED_PG_PORT": ("0", "loopback port of the embedded server; 0 picks a free one"),
@@ -400,6 +404,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         channels=ChannelSettings(
             raw_capacity=r.integer("CHANNEL_RAW_CAPACITY", 256, low=1),
             rows_capacity=r.integer("CHANNEL_ROWS_CAPACITY", 256, low=1),
+            conflate_after_rows=r.integer("CONFLATE_AFTER_ROWS", 50_000, low=0),
         ),
         db=db,
         ibkr=ibkr,

@@ -55,6 +55,9 @@ class RestartSettings:
 class ChannelSettings:
     raw_capacity: int = 256
     rows_capacity: int = 256
+    # Rows the normalizer keeps, every one in order, while the rows channel is full; past it,
+    # conflation (newest row per position). Bounds the normalizer's memory (~700 bytes a row).
+    conflate_after_rows: int = 50_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,10 +4,12 @@ Rules: pure. No I/O, no clock, no anyio. The normalizer actor adds what the book
 takes one :class:`~normalize.events.RowsBatch` per channel send.
 
 Normally every row is kept and sent in order. While the ``rows`` channel is full (the actor says
-so with ``blocked=True``), rows added to the outbox are conflated: per position (broker, account,
-instrument) only the newest pending row is kept, the older unsent ones are dropped and counted in
-:attr:`Outbox.conflated_total`. So a slow database bounds the normalizer's memory by the number of
-positions, never by the tick rate, and brokers are never blocked. Rows already handed to the
+so with ``blocked=True``), rows still pile up in order, all kept, up to ``keep_rows`` pending rows
+(a short backlog: a slow commit, a burst); past that, rows added to the outbox are conflated: per
+position (broker, account, instrument) only the newest pending row is kept, the older unsent ones
+are dropped and counted in :attr:`Outbox.conflated_total`. So a slow database bounds the
+normalizer's memory by ``keep_rows`` plus the number of positions, never by the tick rate, and
+brokers are never blocked. Rows already handed to the
 channel are never touched: every row that was sent reaches the writer. Positions snapshots and
 session events are never dropped.
 """
@@ -31,9 +33,11 @@ class Outbox:
         "_sessions",
         "conflated_total",
         "episode_conflated",
+        "keep_rows",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, keep_rows: int = 0) -> None:
+        self.keep_rows = keep_rows  # pending rows kept in order while blocked, before conflating
         self._rows: list[GreeksSnapshot] = []
         self._conflated: dict[tuple[Any, ...], GreeksSnapshot] | None = None  # while blocked
         self._positions: list[PositionsSnapshot] = []
@@ -62,13 +66,13 @@ class Outbox:
         self._sessions.extend(sessions)
         if not rows:
             return
-        if not blocked and self._conflated is None:
+        if self._conflated is None and (not blocked or len(self._rows) + len(rows) <= self.keep_rows):
             self._rows.extend(rows)
             return
         pending = self._conflated
         if pending is None:
-            # The channel just filled up: from now on the newest row per position wins,
-            # counting the rows already pending.
+            # The channel is full and the backlog past keep_rows: from now on the newest row per
+            # position wins, counting the rows already pending.
             pending = self._conflated = {}
             before = len(self._rows)
             for row in self._rows:

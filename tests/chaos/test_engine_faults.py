@@ -130,7 +130,9 @@ def test_a_database_too_slow_for_the_tick_rate_conflates_with_bounded_memory(tmp
     dsn = server.dsn("chaos")
     ibkr = SimProcess("ibkr", tmp_path, rate=40)
     tastytrade = SimProcess("tastytrade", tmp_path, rate=40)
-    engine = EngineProcess.live(tmp_path, ibkr, tastytrade, DATABASE_URL=dsn, CHANNEL_ROWS_CAPACITY="4")
+    engine = EngineProcess.live(
+        tmp_path, ibkr, tastytrade, DATABASE_URL=dsn, CHANNEL_ROWS_CAPACITY="4", CONFLATE_AFTER_ROWS="2000"
+    )
     lock_s = 8.0
     try:
         with running(ibkr, tastytrade, engine):

@@ -30,6 +30,7 @@ BAD_VALUES = [
     ("RESTART_PERIOD_S", "inf", "RESTART_PERIOD_S (got 'inf'): expected a number > 0"),
     ("CHANNEL_RAW_CAPACITY", "0", "CHANNEL_RAW_CAPACITY (got '0'): expected an integer >= 1"),
     ("CHANNEL_ROWS_CAPACITY", "many", "CHANNEL_ROWS_CAPACITY (got 'many'): expected an integer >= 1"),
+    ("CONFLATE_AFTER_ROWS", "-1", "CONFLATE_AFTER_ROWS (got '-1'): expected an integer >= 0"),
     (
         "DATABASE_URL",
         "mysql://me:hunter2@db/x",

@@ -80,3 +80,24 @@ def test_a_requeued_batch_goes_first_and_loses_only_to_newer_rows_while_conflati
     assert last is not None
     assert sorted((r.instrument, r.seq) for r in last.rows) == [("A", 3), ("B", 1), ("C", 2)]
     assert box.conflated_total == 1
+
+
+def test_blocked_keeps_every_row_up_to_keep_rows_then_conflates() -> None:
+    # A short backlog (a slow commit, a burst) loses nothing: up to keep_rows pending rows stay,
+    # in order, while the channel is full; only past that does the newest row per position win.
+    box = Outbox(keep_rows=4)
+    box.add([row("U1", "A", 1), row("U1", "A", 2)], blocked=True)
+    box.add([row("U1", "A", 3), row("U1", "A", 4)], blocked=True)
+    assert box.conflated_total == 0
+    assert len(box) == 4
+    batch = box.take()
+    assert batch is not None
+    assert [r.seq for r in batch.rows] == [1, 2, 3, 4]
+
+    box.add([row("U1", "A", 5), row("U1", "B", 5), row("U1", "A", 6)], blocked=True)
+    box.add([row("U1", "A", 7), row("U1", "B", 7)], blocked=True)  # 5 pending: past keep_rows
+    assert box.conflated_total == 3  # A/5, A/6, B/5 replaced
+    batch = box.take()
+    assert batch is not None
+    assert [(r.instrument, r.seq) for r in batch.rows] == [("A", 7), ("B", 7)]
+    assert box.end_episode() == 3
