@@ -92,7 +92,12 @@ async def test_events_become_rows_in_few_batches_and_nothing_is_lost_at_shutdown
     assert doc["portfolio"]["by_underlying"]["SPY"]["positions"] == 2
 
 
-async def test_a_full_rows_channel_conflates_newest_per_position_and_never_blocks_the_broker() -> None:
+@pytest.mark.parametrize("keep_rows", [0, 1000], ids=["conflate-at-once", "backlog-kept"])
+async def test_a_full_rows_channel_conflates_newest_per_position_and_never_blocks_the_broker(
+    keep_rows: int,
+) -> None:
+    # keep_rows (CONFLATE_AFTER_ROWS): rows kept, all of them, while the channel is full; the
+    # 400 rows of this backlog fit in 1000, so then nothing is conflated.
     book = Book()
     sent_all = anyio.Event()
     release = anyio.Event()
@@ -126,7 +131,12 @@ async def test_a_full_rows_channel_conflates_newest_per_position_and_never_block
     registry = StatusRegistry(mode="simulated", clock=lambda: 0.0)
     specs = [
         ActorSpec("sink", slow_sink, inputs=("rows",)),
-        ActorSpec("normalizer", make_normalizer(book=book), inputs=("raw",), outputs=("rows",)),
+        ActorSpec(
+            "normalizer",
+            make_normalizer(book=book, conflate_after_rows=keep_rows),
+            inputs=("raw",),
+            outputs=("rows",),
+        ),
         ActorSpec("producer", producer, outputs=("raw",)),
     ]
     async with anyio.create_task_group() as tg:
@@ -136,6 +146,10 @@ async def test_a_full_rows_channel_conflates_newest_per_position_and_never_block
     seqs = [r.seq for r in rows]
     assert len(seqs) == len(set(seqs))  # no row twice
     conflated = registry.actors["normalizer"].info["conflated_total"]
-    assert conflated > 0
+    if keep_rows >= n:
+        assert conflated == 0
+        assert seqs == list(range(n))  # every row, in order
+    else:
+        assert conflated > 0
     assert len(rows) + conflated == n  # every row was either sent or counted
     assert {n - 2, n - 1} <= set(seqs)  # the newest row of each position was kept
