@@ -19,11 +19,17 @@ configuration; or ``--dsn``)::
 4. ``ticks_offered`` = the feed's ledger (sum of last seqs of held contracts); ``ticks_committed``
    = distinct (contract, seq) rows in the contestant's table; ``lost`` = the difference.
 
-Latency is the contestant's own histogram of commit-returned minus send time (the feed stamps
-every event with its send time in ms, truncated: latencies are over-stated by up to 1 ms). For the
-engine that is ``writer.event_latency_ms`` of its status file when present; older engines only
-publish ``writer.latency_ms`` (receive time -> commit) and the result says so
-(``latency_source``), with the wire part (receive minus event time, from the rows) beside it.
+Latency (``latency_ms``) is measured the same way for every contestant, server side: each row's
+commit timestamp (``track_commit_timestamp``) minus its send time, over the ticks the feed sent
+after ``/start``, i.e. at the rate asked; the last-value snapshot a contestant receives when it
+subscribes (every contract at once, before the run) is left out. It is taken before the WAL flush
+and the client's wake-up (a little low), while the feed stamps send times in whole milliseconds,
+truncated (up to 1 ms high). The contestant's own histogram of commit-returned minus send time,
+over its whole run (the snapshot included), is kept in ``own_latency_ms``: for the engine
+``writer.event_latency_ms`` of its status file (older engines only publish ``writer.latency_ms``,
+receive time -> commit, with the wire part from the rows beside it). Without
+``track_commit_timestamp`` (an external ``--dsn`` server) the own figure is the headline, and
+``latency_source`` says which it is.
 """
 
 from __future__ import annotations
@@ -97,6 +103,7 @@ class Run:
     latency_source: str = ""
     wire_ms: dict[str, float] | None = None
     db_commit_latency_ms: dict[str, float] | None = None
+    own_latency_ms: dict[str, float] | None = None  # the contestant's own figure, whole run
     profile: dict[str, object] | None = None
     error: str | None = None
 
@@ -447,7 +454,17 @@ class Bench:
             result.ticks_committed = _count(dsn, result.name)
             if engine and result.latency_source.startswith("writer.latency_ms"):
                 result.wire_ms = _wire_ms(dsn)
-            result.db_commit_latency_ms = _db_commit_latency(dsn, result.name)
+            result.db_commit_latency_ms = _db_commit_latency(dsn, result.name, since=t0)
+            if result.db_commit_latency_ms is not None:
+                # The headline: the same method for everyone, over the ticks the feed sent at the
+                # rate (after /start), not the last-value snapshot each contestant gets when it
+                # subscribes (a burst of every contract at once, before the run starts).
+                result.own_latency_ms = result.latency_ms
+                result.latency_ms = dict(result.db_commit_latency_ms)
+                result.latency_source = (
+                    "server: commit timestamp - feed send time, ticks sent after /start; own figure "
+                    f"({result.latency_source}, whole run) in own_latency_ms"
+                )
             result.lost = result.ticks_offered - result.ticks_committed
             # Throughput while the feed streamed: the contestant's commit counter over the window
             # (rows for the engine, ticks for a peer), in ticks (distinct over counted rows).
@@ -567,10 +584,12 @@ async def _execute(dsn: str, sql: str) -> None:
         await conn.close()
 
 
-def _db_commit_latency(dsn: str, name: str) -> dict[str, float] | None:
+def _db_commit_latency(dsn: str, name: str, since: float | None = None) -> dict[str, float] | None:
     """Commit time (``pg_xact_commit_timestamp`` of each row's ``xmin``) minus event time, ms, over
-    the contestant's rows: the same method for everyone; it stops before the WAL flush and the
-    client's wake-up, so it reads a little lower than a client-side measurement."""
+    the contestant's rows sent at or after ``since`` (POSIX seconds; None: all): the same method
+    for everyone; it stops before the WAL flush and the client's wake-up, so it reads a little
+    lower than a client-side measurement, while the feed's send times, truncated to the
+    millisecond, over-state it by up to 1 ms."""
 
     async def measure() -> dict[str, float] | None:
         conn = await asyncpg.connect(dsn)
@@ -584,7 +603,10 @@ def _db_commit_latency(dsn: str, name: str) -> dict[str, float] | None:
             row = await conn.fetchrow(
                 "SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY d), max(d) FROM"
                 f" (SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin) - {ts}) * 1000 AS d"
-                f" FROM {table} WHERE {seq} >= 1) t"
+                f" FROM {table} WHERE {seq} >= 1 AND {ts} >= to_timestamp($1::float8)) t",
+                # the feed stamps whole milliseconds: a tick sent just after ``since`` may carry
+                # the millisecond before it
+                0.0 if since is None else since - 0.001,
             )
         except asyncpg.PostgresError:
             return None
