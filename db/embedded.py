@@ -241,6 +241,12 @@ class EmbeddedServer:
                 (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
         self.port = self.requested_port or free_port(self.host)
         options = f"-c listen_addresses={self.host} -p {self.port} -c unix_socket_directories=''"
+        # New WAL segments are not zero-filled first (only their last byte is written): at tens of
+        # thousands of rows a second the server fills a 16 MB segment about every second, and
+        # zero-filling the next one inside a commit stalled it for ~50 ms (p99 at 50k ticks/s:
+        # 82-99 ms with it, 12-19 ms without; bench pipeline). Durability is unchanged: fsync and
+        # synchronous_commit stay on, and fdatasync still persists the blocks a commit wrote.
+        options += " -c wal_init_zero=off"
         if not self.fsync:
             options += " -c fsync=off -c full_page_writes=off"
         try:
