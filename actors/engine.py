@@ -23,6 +23,7 @@ import anyio.abc
 from config.logging import get_logger, redact_text
 from config.settings import Secret, Settings
 from supervisor.errors import FatalError
+from supervisor.heap import freeze_startup_heap
 from supervisor.spec import ActorSpec, Backoff, ChannelSpec, Intensity, Restart, RunFn
 from supervisor.status import StatusRegistry
 from supervisor.supervisor import Supervisor
@@ -174,6 +175,7 @@ async def run_engine(settings: Settings) -> int:
                     status_interval_s=settings.status_interval_s,
                     shutdown_timeout_s=settings.shutdown_timeout_s,
                     critical=("writer", "normalizer"),
+                    after_start=lambda: log.info("startup_heap_frozen", objects=freeze_startup_heap()),
                 )
                 code = await supervisor.run()
         tg.cancel_scope.cancel()

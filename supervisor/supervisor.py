@@ -111,6 +111,7 @@ class Supervisor:
         sleep: SleepFn = anyio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
         critical: Sequence[str] = (),
+        after_start: Callable[[], None] | None = None,
     ) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -121,6 +122,7 @@ class Supervisor:
                 if ch not in known:
                     raise ValueError(f"actor {spec.name!r} names unknown channel {ch!r}")
         self.specs = list(specs)
+        self.after_start = after_start  # called once, when every actor has started (or failed)
         self.registry = registry
         self.status_file = status_file
         self.status_interval_s = status_interval_s
@@ -208,6 +210,9 @@ class Supervisor:
                     if self.stopping:
                         break
                     await tg.start(self._supervise, self._runners[spec.name])
+                else:
+                    if self.after_start is not None:
+                        self.after_start()
         finally:
             done.set()
 

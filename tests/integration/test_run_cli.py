@@ -186,6 +186,9 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
         datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).astimezone(UTC)
     assert "simulated_data" in events
     assert "stop_requested" in events
+    # once every actor is up, the start-up heap leaves the collector's sight (supervisor.heap)
+    (frozen,) = [line for line in lines if line["event"] == "startup_heap_frozen"]
+    assert frozen["objects"] > 10_000
     engine_events = [e for e in events if e != "simulator_stopped"]  # simulators stop last
     assert engine_events[-1] == "supervisor_stopped"
     assert [line for line in lines if line["level"] in ("error", "critical")] == []

@@ -520,3 +520,71 @@ async def test_producer_learns_at_once_when_its_consumer_is_gone_and_loss_is_rep
         code = await sup.run()
     assert code == 1
     assert registry.actors["normalizer"].state is ActorState.STOPPED
+
+
+async def test_after_start_runs_once_when_every_actor_has_started() -> None:
+    """The ``after_start`` hook (the engine freezes its start-up heap there) runs once, after the
+    last actor called ``started()``, not before; a failed first attempt does not block it."""
+    order: list[str] = []
+    release = anyio.Event()
+
+    def actor(name: str, fail_first: bool = False) -> Any:
+        async def run(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+            if fail_first and ctx.attempt == 1:
+                raise TransientError("first attempt fails")
+            if name == "b":
+                await release.wait()  # "b" is slow to start
+            order.append(f"started {name}")
+            task_status.started()
+            await anyio.sleep_forever()
+
+        return run
+
+    specs = [
+        ActorSpec("a", actor("a"), Restart.PERMANENT, NO_JITTER),
+        ActorSpec("b", actor("b"), Restart.PERMANENT, NO_JITTER),
+        ActorSpec("c", actor("c", fail_first=True), Restart.PERMANENT, NO_JITTER),
+    ]
+    hooked = anyio.Event()
+
+    def after_start() -> None:
+        order.append("after_start")
+        hooked.set()
+
+    sup, _registry, _fake = make_supervisor(specs, after_start=after_start)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.run)
+        for _ in range(20):
+            await anyio.lowlevel.checkpoint()
+        assert "after_start" not in order  # "b" has not started yet
+        release.set()
+        with anyio.fail_after(5):
+            await hooked.wait()
+        sup.request_stop()
+    assert order.count("after_start") == 1
+    assert order.index("after_start") > order.index("started b")
+
+
+async def test_after_start_skipped_when_stopped_during_start_up() -> None:
+    called: list[bool] = []
+    entered = anyio.Event()
+
+    async def never_starts(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        entered.set()
+        await anyio.sleep_forever()
+
+    async def quick(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        await anyio.sleep_forever()
+
+    specs = [
+        ActorSpec("slow", never_starts, Restart.PERMANENT, NO_JITTER),
+        ActorSpec("quick", quick, Restart.PERMANENT, NO_JITTER),
+    ]
+    sup, _registry, _fake = make_supervisor(specs, after_start=lambda: called.append(True))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sup.run)
+        with anyio.fail_after(5):
+            await entered.wait()
+        sup.request_stop()
+    assert called == []
