@@ -43,7 +43,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any
 
 from normalize import bsm
 from normalize.events import (
@@ -103,21 +103,31 @@ class _Contract:
     is_call: bool
     strike: float | None
     expiry_ts: float | None
+    stock_like: bool  # its own price is its underlying price; delta 1, no model
+    underlying_record: _Instrument | None  # the underlying's record at the same broker
 
 
-class _Derived(NamedTuple):
-    """The last derived values of an instrument, for the portfolio (a tuple: built per update)."""
+@dataclass(slots=True, eq=False)
+class _Instrument:
+    """Everything the book keeps about one (broker, instrument): one dict lookup per update.
 
-    event_ts: float
-    mark: float | None
-    underlying_price: float | None
-    iv: float | None
-    delta: float | None
-    gamma: float | None
-    theta: float | None
-    vega: float | None
-    rho: float | None
-    source: str | None
+    ``price`` (the underlying-price rule: the mid, else the mark, else the last) is kept up to
+    date on every update once another instrument names this one as its underlying
+    (``feeds_price``), so an option reads its underlying's price as one attribute. ``tail`` and
+    ``source`` are the derived values of the last update with holders (for the portfolio).
+    """
+
+    state: dict[str, float | None] = field(default_factory=dict)
+    holders: list[_Holder] = field(default_factory=list)  # open positions in it (non-zero quantity)
+    contract: _Contract | None = None  # set while it has holders
+    feeds_price: bool = False
+    price: float | None = None
+    tail: tuple[Any, ...] | None = None  # (event_ts, received_ts, bid, ask, last, mark, und, iv, Greeks...)
+    source: str | None = None
+
+
+# Positions in ``_Instrument.tail``: what the portfolio reads.
+_T_EVENT_TS, _T_UND, _T_DELTA, _T_GAMMA, _T_THETA, _T_VEGA = 0, 6, 8, 9, 10, 11
 
 
 @dataclass(slots=True)
@@ -140,11 +150,8 @@ class Book:
         self.rate = risk_free_rate
         # (broker, account) -> instrument -> position
         self._accounts: dict[tuple[str, str], dict[str, UnifiedPosition]] = {}
-        # (broker, instrument) -> holders (positions with a non-zero quantity)
-        self._holders: dict[tuple[str, str], list[_Holder]] = {}
-        self._contracts: dict[tuple[str, str], _Contract] = {}
-        self._state: dict[tuple[str, str], dict[str, float | None]] = {}
-        self._derived: dict[tuple[str, str], _Derived] = {}
+        # (broker, instrument) -> what the book knows of it (never removed: a few per contract)
+        self._instruments: dict[tuple[str, str], _Instrument] = {}
         self.bad_events = 0
         self.last_bad_event: str | None = None
         self.updates_total = 0
@@ -157,10 +164,13 @@ class Book:
         """Apply events in order; return the rows and pass-through events they produced."""
         out = BookOutput()
         rows = out.rows
+        update = self._update
+        updates = 0
         for event in events:
             try:
                 if type(event) is InstrumentUpdate:
-                    self._update(event, rows, out)
+                    updates += 1
+                    update(event, rows, out)
                 elif isinstance(event, PositionsSnapshot):
                     self._positions(event)
                     out.positions.append(event)
@@ -173,9 +183,16 @@ class Book:
                 self.last_bad_event = f"{type(exc).__name__}: {exc}"[:200]
                 if type(event) is InstrumentUpdate:
                     self._sanitize((event.broker, event.instrument))
+        self.updates_total += updates
         self.rows_total += len(rows)
         self.model_rows_total += out.model_rows
         return out
+
+    def _record(self, key: tuple[str, str]) -> _Instrument:
+        rec = self._instruments.get(key)
+        if rec is None:
+            rec = self._instruments[key] = _Instrument()
+        return rec
 
     def _positions(self, snap: PositionsSnapshot) -> None:
         broker = snap.broker
@@ -216,32 +233,43 @@ class Book:
                 p.quantity,
             )
             holders.append(_Holder(p, prefix, p.quantity * multiplier))
-        key = (broker, instrument)
-        if holders:
-            self._holders[key] = holders
-            p = holders[0].position
-            self._contracts[key] = _Contract(
-                underlying=p.underlying,
-                asset_class=str(p.asset_class),
-                is_call=str(p.right) == "C",
-                strike=p.strike,
-                expiry_ts=None if p.expiry is None else expiry_close_ts(p.expiry),
-            )
-        else:
-            self._holders.pop(key, None)
-            self._contracts.pop(key, None)
+        rec = self._record((broker, instrument))
+        rec.holders = holders
+        if not holders:
+            rec.contract = None
+            return
+        p = holders[0].position
+        asset_class = str(p.asset_class)
+        stock_like = asset_class in _STOCK_LIKE
+        underlying = None
+        if not stock_like and p.underlying:
+            underlying = self._record((broker, p.underlying))
+            if not underlying.feeds_price:
+                underlying.feeds_price = True
+                underlying.price = _price(underlying.state)
+        rec.contract = _Contract(
+            underlying=p.underlying,
+            asset_class=asset_class,
+            is_call=str(p.right) == "C",
+            strike=p.strike,
+            expiry_ts=None if p.expiry is None else expiry_close_ts(p.expiry),
+            stock_like=stock_like,
+            underlying_record=underlying,
+        )
 
     def _update(self, u: InstrumentUpdate, rows: list[GreeksSnapshot], out: BookOutput) -> None:
-        key = (u.broker, u.instrument)
-        state = self._state.get(key)
-        if state is None:
-            state = self._state[key] = {}
+        rec = self._instruments.get((u.broker, u.instrument))
+        if rec is None:
+            rec = self._instruments[(u.broker, u.instrument)] = _Instrument()
+        state = rec.state
         state.update(u.values)
-        self.updates_total += 1
-        holders = self._holders.get(key)
-        if holders is None:
-            return
         get = state.get
+        if rec.feeds_price:
+            rec.price = _price(state)
+        holders = rec.holders
+        if not holders:
+            return
+        contract: _Contract = rec.contract  # type: ignore[assignment]  # set with the holders
         bid = get("bid")
         ask = get("ask")
         last = get("last")
@@ -252,12 +280,11 @@ class Book:
             if mark is None:
                 mark = last
         und = get("underlying_price")
-        contract = self._contracts[key]
         if und is None:
-            if contract.asset_class in _STOCK_LIKE:
+            if contract.stock_like:
                 und = mark
-            else:
-                und = self._price_of(u.broker, contract.underlying)
+            elif contract.underlying_record is not None:
+                und = contract.underlying_record.price
         iv = get("iv")
         delta = get("delta")
         gamma = get("gamma")
@@ -266,7 +293,7 @@ class Book:
         rho = get("rho")
         if delta is not None and gamma is not None and theta is not None and vega is not None:
             source: str | None = BROKER
-        elif contract.asset_class in _STOCK_LIKE:
+        elif contract.stock_like:
             delta, source = 1.0, MODEL
         else:
             model = self._model(contract, u.event_ts, mark, und, iv)
@@ -288,14 +315,16 @@ class Book:
                     rho = g.rho
                 source = MODEL
                 out.model_rows += len(holders)
-        self._derived[key] = _new_row(
-            _Derived, (u.event_ts, mark, und, iv, delta, gamma, theta, vega, rho, source)
-        )
-        tail = (u.event_ts, u.received_ts, bid, ask, last, mark, und, iv, delta, gamma, theta, vega, rho)
+        event_ts = u.event_ts
+        rec.tail = tail = (
+            event_ts, u.received_ts, bid, ask, last, mark, und, iv, delta, gamma, theta, vega, rho,
+        )  # fmt: skip
+        rec.source = source
         seq = u.seq
+        append = rows.append
         for h in holders:
             f = h.factor
-            rows.append(
+            append(
                 _new_row(
                     GreeksSnapshot,
                     h.prefix
@@ -314,24 +343,16 @@ class Book:
     def _sanitize(self, key: tuple[str, str]) -> None:
         """Drop state values that are not finite numbers (after a bad update), so that one bad
         value cannot poison every later update of the instrument."""
-        state = self._state.get(key)
-        if state is not None:
+        rec = self._instruments.get(key)
+        if rec is not None:
+            state = rec.state
             for name, value in list(state.items()):
                 if value is not None and not (
                     isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
                 ):
                     del state[name]
-
-    def _price_of(self, broker: str, instrument: str) -> float | None:
-        state = self._state.get((broker, instrument))
-        if state is None:
-            return None
-        get = state.get
-        bid, ask = get("bid"), get("ask")
-        if bid is not None and ask is not None and ask >= bid > 0:
-            return (bid + ask) * 0.5
-        mark = get("mark")
-        return mark if mark is not None else get("last")
+            if rec.feeds_price:
+                rec.price = _price(state)
 
     def _model(
         self, c: _Contract, now: float, mark: float | None, und: float | None, iv: float | None
@@ -368,29 +389,33 @@ class Book:
         sums: dict[str, list[float]] = {}
         as_of: float | None = None
         missing = 0
-        for key, holders in self._holders.items():
-            d = self._derived.get(key)
-            if d is None:
+        for rec in self._instruments.values():
+            holders = rec.holders
+            if not holders:
+                continue
+            t = rec.tail
+            if t is None:
                 missing += len(holders)
                 continue
-            if as_of is None or d.event_ts > as_of:
-                as_of = d.event_ts
+            if as_of is None or t[_T_EVENT_TS] > as_of:
+                as_of = t[_T_EVENT_TS]
+            delta, gamma, theta, vega, und = t[_T_DELTA], t[_T_GAMMA], t[_T_THETA], t[_T_VEGA], t[_T_UND]
             for h in holders:
                 s = sums.get(h.position.underlying)
                 if s is None:
                     s = sums[h.position.underlying] = [0.0] * 6
                 f = h.factor
                 s[0] += 1
-                if d.delta is not None:
-                    s[1] += d.delta * f
-                    if d.underlying_price is not None:
-                        s[2] += d.delta * f * d.underlying_price
-                if d.gamma is not None:
-                    s[3] += d.gamma * f
-                if d.theta is not None:
-                    s[4] += d.theta * f
-                if d.vega is not None:
-                    s[5] += d.vega * f
+                if delta is not None:
+                    s[1] += delta * f
+                    if und is not None:
+                        s[2] += delta * f * und
+                if gamma is not None:
+                    s[3] += gamma * f
+                if theta is not None:
+                    s[4] += theta * f
+                if vega is not None:
+                    s[5] += vega * f
         by_underlying = {u: _exposure(s) for u, s in sorted(sums.items())}
         total = [0.0] * 6
         for s in sums.values():
@@ -402,6 +427,17 @@ class Book:
             "by_underlying": by_underlying,
             "positions_without_data": missing,
         }
+
+
+def _price(state: dict[str, float | None]) -> float | None:
+    """An instrument's price as an underlying: the mid of a positive bid and an ask at or above
+    it, else its mark, else its last."""
+    get = state.get
+    bid, ask = get("bid"), get("ask")
+    if bid is not None and ask is not None and ask >= bid > 0:
+        return (bid + ask) * 0.5
+    mark = get("mark")
+    return mark if mark is not None else get("last")
 
 
 def _exposure(s: list[float]) -> dict[str, float | int]:

@@ -304,6 +304,36 @@ def test_session_events_pass_through_in_order() -> None:
     assert out.batch().sessions == (started, ended)
 
 
+def test_underlying_price_follows_the_underlying_whenever_its_option_position_appears() -> None:
+    # The underlying ticks before anyone holds an option on it, then the position arrives: the
+    # option's rows read the underlying's price from that earlier state, then follow it.
+    book = Book()
+    book.apply([update("SPY", bid=499.0, ask=501.0)])
+    book.apply([snapshot(option(CALL, 1))])
+    (row,) = book.apply([update(CALL, bid=9.9, ask=10.1, **GREEKS)]).rows
+    assert row.underlying_price == 500.0  # the mid
+    book.apply([update("SPY", bid=0.0, ask=502.0)])  # no positive bid: the mark, else the last
+    book.apply([update("SPY", last=503.0)])
+    (row,) = book.apply([update(CALL, bid=9.9, ask=10.1)]).rows
+    assert row.underlying_price == 503.0
+    book.apply([update("SPY", mark=504.0)])
+    (row,) = book.apply([update(CALL, bid=9.9, ask=10.1)]).rows
+    assert row.underlying_price == 504.0
+
+
+def test_a_bad_underlying_update_is_dropped_from_its_price_too() -> None:
+    book = book_with(option(CALL, 1))
+    book.apply([update("SPY", bid=499.0, ask=501.0)])
+    book.apply([update("SPY", bid="bad", ask=600.0)])  # type: ignore[arg-type]  # a mapper bug
+    assert book.bad_events == 1
+    (row,) = book.apply([update(CALL, bid=9.9, ask=10.1, **GREEKS)]).rows
+    assert row.underlying_price is None  # the bad bid is gone: an ask alone is no price
+    book.apply([update("SPY", bid=599.0)])
+    (row,) = book.apply([update(CALL, bid=9.9, ask=10.1)]).rows
+    assert row.underlying_price == 599.5
+    assert book.bad_events == 1
+
+
 def test_bad_events_are_counted_and_skipped_and_never_poison_the_state() -> None:
     book = book_with(option(CALL, 1))
     out = book.apply(
