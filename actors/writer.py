@@ -48,6 +48,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 from config.settings import DatabaseSettings
 from db import copy as dbcopy
 from db.batch import (
+    LINGER_FROM_ROWS_S,
     Batch,
     BatchBuilder,
     Pending,
@@ -58,7 +59,16 @@ from db.batch import (
     retention_cutoff,
     utc_day,
 )
-from db.encode import EVENT_TS, RECEIVED_TS, BatchDataError, Dimensions, Prepared, session_ok, snapshot_ok
+from db.encode import (
+    COPY_CHUNK_ROWS,
+    EVENT_TS,
+    RECEIVED_TS,
+    BatchDataError,
+    Dimensions,
+    Prepared,
+    session_ok,
+    snapshot_ok,
+)
 from db.latency import LatencyTracker
 from db.migrate import migrate
 from db.spool import Spool
@@ -87,11 +97,13 @@ def make_writer(
     before_commit: dbcopy.Hook | None = None,
     copy_min_rows: int = dbcopy.COPY_MIN_ROWS,
     pipeline: bool = True,
+    linger_from_rows_s: float = LINGER_FROM_ROWS_S,
 ) -> RunFn:
     """The writer's ``RunFn``. ``before_commit`` is a test seam (runs inside each batch's
     transaction after the writes); ``clock`` must be the clock of ``GreeksSnapshot.received_ts``;
     ``copy_min_rows``: batches of at least this many rows go by COPY; ``pipeline=False``: the
-    next batch is gathered only once the previous one is committed (tests, benchmarks)."""
+    next batch is gathered only once the previous one is committed (tests, benchmarks);
+    ``linger_from_rows_s``: the arrival rate from which batches linger (``BATCH_LINGER_MS``)."""
 
     async def run(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
         writer = _Writer(
@@ -107,6 +119,7 @@ def make_writer(
             before_commit=before_commit,
             copy_min_rows=copy_min_rows,
             pipeline=pipeline,
+            linger_from_rows_s=linger_from_rows_s,
         )
         await writer.run(task_status)
 
@@ -129,6 +142,7 @@ class _Writer:
         before_commit: dbcopy.Hook | None,
         copy_min_rows: int,
         pipeline: bool,
+        linger_from_rows_s: float,
     ) -> None:
         self.settings = settings
         self.dsn = dsn
@@ -154,7 +168,12 @@ class _Writer:
         self.spool = Spool(settings.spool_dir, settings.spool_max_bytes)
         self.rejected = Spool(settings.spool_dir / "rejected", settings.spool_max_bytes)
         self.spool_lock = anyio.Lock()
-        self.builder = BatchBuilder(settings.batch_max_rows, settings.batch_max_delay_ms / 1000)
+        self.builder = BatchBuilder(
+            settings.batch_max_rows,
+            settings.batch_max_delay_ms / 1000,
+            settings.batch_linger_ms / 1000,
+            linger_from_rows_s,
+        )
         self.latency = LatencyTracker()
         # Broker event time (the broker's clock: the wire's own stamp) to commit, so the wire,
         # the decoding and the normalizer count too; skew between the clocks shows here.
@@ -255,16 +274,12 @@ class _Writer:
             except anyio.EndOfStream:
                 return
             self.builder.start(first, self.clock())
-            eof = False
-            while not self.builder.full(self.clock()):
-                try:
-                    item = rx.receive_nowait()
-                except anyio.WouldBlock:
-                    break
-                except anyio.EndOfStream:
-                    eof = True
-                    break
-                self.builder.add(item)
+            eof = self._gather(rx)
+            if not eof:
+                delay = self.builder.linger(self.clock())
+                if delay > 0:  # under load: let the batch grow (BATCH_LINGER_MS)
+                    await anyio.sleep(delay)
+                    eof = self._gather(rx)
             # The batch is in the buffer before any await: cancelled or crashed from here on,
             # the shutdown drain commits or spools it.
             batch, cols = await self._clean_and_buffer(self.builder.take())
@@ -280,16 +295,36 @@ class _Writer:
             if eof:
                 return
 
+    def _gather(self, rx: Any) -> bool:
+        """Add what is queued on ``rx`` to the batch being built (up to its cap); True at the
+        end of the stream."""
+        builder = self.builder
+        while not builder.full(self.clock()):
+            try:
+                item = rx.receive_nowait()
+            except anyio.WouldBlock:
+                return False
+            except anyio.EndOfStream:
+                return True
+            builder.add(item)
+        return False
+
     async def _prepare(self, batch: Batch, cols: Any) -> Prepared | None:
         """The batch's encoding (COPY stream included), yielding to the write in flight between
         chunks; None when it will not be written directly (it is then encoded when replayed)."""
         if not self.db_up or self.recovering:
             return None
-        await anyio.lowlevel.checkpoint()  # cleaning took its share: let the write in flight go on
+        # A small batch is encoded in one go (well under a millisecond: an event-loop round per
+        # step would cost more than the step); a large one yields to the write in flight
+        # between its parts (COPY chunks of ``COPY_CHUNK_ROWS``).
+        large = len(batch.rows) >= COPY_CHUNK_ROWS
+        if large:
+            await anyio.lowlevel.checkpoint()  # cleaning took its share: let the write in flight go on
         prepared = Prepared(batch, self.dims, self.copy_min_rows, cols)
         try:
             for _ in prepared.steps(self.dims, eager=True):
-                await anyio.lowlevel.checkpoint()
+                if large:
+                    await anyio.lowlevel.checkpoint()
         except BatchDataError:
             return None  # raised again by the write, which sets the batch aside
         return prepared

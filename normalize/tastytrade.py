@@ -343,8 +343,12 @@ def map_feed(
         return 0
     values = plan.values
     seq_i = plan.seq
-    # the usual case: no eventTime (or 0) and exactly one own time field
-    single = plan.times[0] if len(plan.times) == 1 else None
+    # the usual cases: no eventTime (or 0) and one own time field (Greeks ``time``, Trade) or
+    # two (Quote ``bidTime``/``askTime``: the later one), whole milliseconds in range
+    times = plan.times
+    single = times[0] if len(times) == 1 else None
+    first, second = times if len(times) == 2 else (None, None)
+    event_time = plan.event_time
     lookup = symbols.get
     new = _new_update
     unknown = 0
@@ -353,8 +357,19 @@ def map_feed(
         if key is None:
             unknown += 1
             continue
-        ms = ev[single] if single is not None else None
-        if ms.__class__ is int and 0 < ms < _MAX_MS and (plan.event_time is None or ev[plan.event_time] == 0):
+        if single is not None:
+            ms = ev[single]
+        elif first is not None:
+            ms = ev[first]
+            other = ev[second]
+            if other.__class__ is int:
+                if ms.__class__ is int and ms < other < _MAX_MS:
+                    ms = other
+            elif other is not None:
+                ms = None  # not whole milliseconds: the general rule below
+        else:
+            ms = None
+        if ms.__class__ is int and 0 < ms < _MAX_MS and (event_time is None or ev[event_time] == 0):
             ts = ms / 1000.0
         else:
             ts = _event_time(ev, plan, received_ts)

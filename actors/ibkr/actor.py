@@ -361,9 +361,14 @@ class _Attempt:
                 else:
                     await self._on_event(event, now)
             if batch is not None:
-                self.blocked = True
-                await out.send(batch)
-                self.blocked = False
+                # At once when there is room: no event-loop round per frame (one contract per
+                # frame); else wait (backpressure: the socket is not read meanwhile).
+                try:
+                    out.send_nowait(batch)
+                except anyio.WouldBlock:
+                    self.blocked = True
+                    await out.send(batch)
+                    self.blocked = False
                 if self.stale_check_skipped:
                     self.stale_check_skipped = False
                     proto.backpressure_ended(clock())

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 import pytest
 
@@ -109,6 +110,25 @@ async def test_idle_batches_are_single_ticks(dsn: str, db_settings: DatabaseSett
 
     sizes = [r["row_count"] for r in await fetch(dsn, "SELECT row_count FROM ingest_batches")]
     assert sizes == [1] * 5
+
+
+async def test_under_load_a_batch_lingers_to_carry_more_rows(dsn: str, db_settings: DatabaseSettings) -> None:
+    # Lingering forced (any arrival rate counts as load): the first row's batch waits 300 ms,
+    # long enough for the 50 single-row items sent one at a time after it to join it. Without
+    # the linger each item is committed on its own or with a few others (see the idle test).
+    settings = replace(db_settings, batch_linger_ms=300, batch_max_delay_ms=10_000)
+    harness = WriterHarness(settings, dsn, kwargs={"linger_from_rows_s": 0.0})
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            async with harness.send:
+                for i in range(51):
+                    await harness.send.send([snapshot(i)])
+                    await anyio.lowlevel.checkpoint()  # let the writer run between items
+                await harness.wait_for(lambda s: s.get("rows_total", 0) == 51)
+
+    sizes = [r["row_count"] for r in await fetch(dsn, "SELECT row_count FROM ingest_batches")]
+    assert sizes == [51]
 
 
 async def test_newer_schema_stops_the_engine(dsn: str, db_settings: DatabaseSettings) -> None:

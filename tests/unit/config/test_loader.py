@@ -51,6 +51,7 @@ BAD_VALUES = [
     ),
     ("BATCH_MAX_ROWS", "0", "BATCH_MAX_ROWS (got '0'): expected an integer >= 1"),
     ("BATCH_MAX_DELAY_MS", "-5", "BATCH_MAX_DELAY_MS (got '-5'): expected a number >= 0"),
+    ("BATCH_LINGER_MS", "2000", "BATCH_LINGER_MS (got '2000'): expected a number >= 0 and <= 1000"),
     ("BUFFER_MAX_ROWS", "-1", "BUFFER_MAX_ROWS (got '-1'): expected an integer >= 0"),
     (
         "SPOOL_MAX_BYTES",

@@ -94,6 +94,48 @@ def test_builder_caps_rows_and_time() -> None:
         BatchBuilder(0, 1.0)
 
 
+def _batches(b: BatchBuilder, start: float, per_batch: int, every_s: float, count: int) -> float:
+    """Start and take ``count`` batches of ``per_batch`` rows, ``every_s`` apart; the last time."""
+    t = start
+    for _ in range(count):
+        b.start([row(i) for i in range(per_batch)], now=t)
+        b.take()
+        t += every_s
+    return t
+
+
+def test_builder_lingers_only_while_rows_arrive_fast() -> None:
+    b = BatchBuilder(max_rows=5000, max_delay_s=0.05, linger_s=0.004, linger_from_rows_s=10_000)
+    # quiet: 2 rows every 2 ms = 1,000 rows/s: never waits
+    t = _batches(b, 100.0, 2, 0.002, 400)
+    b.start([row(0)], now=t)
+    assert b.rate_rows_s == pytest.approx(1000, rel=0.05)
+    assert b.linger(t) == 0.0
+    b.take()
+    # busy: 50 rows every 2 ms = 25,000 rows/s: the batch waits until 4 ms after its first item
+    t = _batches(b, t + 0.002, 50, 0.002, 400)
+    b.start([row(0)], now=t)
+    assert b.rate_rows_s == pytest.approx(25_000, rel=0.05)
+    assert b.linger(t) == pytest.approx(0.004)
+    assert b.linger(t + 0.003) == pytest.approx(0.001)
+    assert b.linger(t + 0.005) == 0.0
+    b.add([row(i) for i in range(5000)])  # full: take it now
+    assert b.linger(t) == 0.0
+    b.take()
+    # quiet again: after a second of silence the rate falls and batches stop waiting
+    b.start([row(0)], now=t + 1.0)
+    assert b.linger(t + 1.0) == 0.0
+
+
+def test_builder_linger_off_and_capped_by_the_max_delay() -> None:
+    off = BatchBuilder(max_rows=5000, max_delay_s=0.05, linger_s=0.0, linger_from_rows_s=0)
+    off.start([row(0)], now=1.0)
+    assert off.linger(1.0) == 0.0
+    capped = BatchBuilder(max_rows=5000, max_delay_s=0.01, linger_s=0.5, linger_from_rows_s=0)
+    capped.start([row(0)], now=1.0)
+    assert capped.linger(1.0) == pytest.approx(0.01)
+
+
 def test_builder_takes_rows_batches_and_plain_rows_in_order() -> None:
     snap = PositionsSnapshot("ibkr", ("U1",), (), 10.0)
     start = SessionStarted("ibkr", "s1", ("U1",), "gw:5000", "simulated", 1.0)

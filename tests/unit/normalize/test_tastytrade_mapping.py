@@ -3,6 +3,7 @@ DXLink events -> InstrumentUpdates in canonical units."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import date
 from decimal import Decimal
@@ -280,6 +281,25 @@ def test_event_time(event_time: int | None, time: int | None, expected: float) -
         FeedData(1, "Greeks", [greeks(event_time=event_time, time=time, delta=0.5)], ALL_GREEKS)
     )
     assert update.event_ts == expected
+
+
+_TIMES = [1700000000100, 1700000000300, 0, -5, 10**14, 1700000000250.0, None, "NaN", True]
+
+
+@pytest.mark.parametrize("event_time", [0, None, 1700000001000])
+def test_quote_time_is_the_later_valid_time_whatever_the_types(event_time: Any) -> None:
+    # The mapper reads the usual shapes inline; every shape must give what the general rule gives:
+    # eventTime when non-zero, else the later of bidTime and askTime that is a time, else receive.
+    def valid(ms: Any) -> float | None:
+        ok = type(ms) in (int, float) and 0 < ms < 10**13
+        return ms / 1000.0 if ok else None
+
+    for bid, ask in itertools.product(_TIMES, _TIMES):
+        quote = Quote("SPY", event_time, 12, None, bid, ask, 500.01, 500.03, None, None, None, None)
+        (q,), _ = mapped(FeedData(1, "Quote", [quote], frozenset(EVENT_FIELDS["Quote"])))
+        times = [t for t in (valid(bid), valid(ask)) if t is not None]
+        expected = valid(event_time) or (max(times) if times else RECEIVED)
+        assert q.event_ts == expected, (event_time, bid, ask)
 
 
 def test_quote_and_trade() -> None:
