@@ -34,12 +34,24 @@ from supervisor.context import ActorContext
 from supervisor.spec import RunFn
 
 PUBLISH_INTERVAL_S = 1.0
+# Events applied per round of the receiver before it lets the other actors run: a few
+# milliseconds of book work. Draining the whole ``raw`` channel at once (256 frames of up to
+# 100 DXLink events: 60 ms and more) starved the writer under load, whose every event-loop
+# round then waited that long, until the engine fell behind for good.
+MAX_EVENTS_PER_ROUND = 2000
+# Rows per item on ``rows``: the channel's capacity is counted in items, so this bounds the rows
+# it can hold (256 x 500 = 128,000, ~90 MB) whatever the backlog; past it rows wait in the outbox
+# (up to CONFLATE_AFTER_ROWS, then conflated): memory stays bounded when the writer is slower than
+# the feed.
+MAX_ROWS_PER_ITEM = 500
 
 
 def make_normalizer(
     *,
     risk_free_rate: float = 0.04,
     max_batches: int = 256,
+    max_events: int = MAX_EVENTS_PER_ROUND,
+    max_rows_per_item: int = MAX_ROWS_PER_ITEM,
     conflate_after_rows: int = 0,
     clock: Callable[[], float] = time.monotonic,
     book: Book | None = None,
@@ -75,7 +87,7 @@ def make_normalizer(
         async def sender() -> None:
             nonlocal wake, blocked
             while True:
-                batch = outbox.take()
+                batch = outbox.take(max_rows_per_item)
                 if batch is None:
                     if not receiving:
                         return
@@ -109,11 +121,14 @@ def make_normalizer(
                 try:
                     async for first in raw:
                         items = [first]
-                        while len(items) < max_batches:
+                        events = len(first)
+                        while len(items) < max_batches and events < max_events:
                             try:
-                                items.append(raw.receive_nowait())
+                                item = raw.receive_nowait()
                             except (anyio.WouldBlock, anyio.EndOfStream):
                                 break
+                            items.append(item)
+                            events += len(item)
                         out = book.apply(event for batch in items for event in batch)
                         outbox.add(out.rows, out.positions, out.sessions, blocked=blocked)
                         wake.set()

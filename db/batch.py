@@ -146,10 +146,11 @@ class BatchBuilder:
     ride along with the rows of their item.
 
     Lingering (``linger_s`` > 0): while rows arrive at ``linger_from_rows_s`` or more (measured
-    over the last :data:`RATE_WINDOW_S` of batch starts), a batch waits until ``linger_s`` after
-    its first item (:meth:`linger`) before it is taken, so that under load every commit carries
-    more rows: the per-commit work of the client and the server is paid less often. Below that
-    rate batches never wait, so a quiet feed keeps its lowest latency.
+    over the last :data:`RATE_WINDOW_S` of batch starts), a batch is taken only once its oldest
+    row is ``linger_s`` old (:meth:`linger`: counted from that row's receive time, so a row that
+    already waited in the channel that long waits no more), so that under load every commit
+    carries more rows: the per-commit work of the client and the server is paid less often.
+    Below that rate batches never wait, so a quiet feed keeps its lowest latency.
     """
 
     __slots__ = (
@@ -160,6 +161,7 @@ class BatchBuilder:
         "linger_s",
         "max_delay_s",
         "max_rows",
+        "oldest_ts",
         "pending",
         "rate_rows_s",
         "started_at",
@@ -180,6 +182,7 @@ class BatchBuilder:
         self.linger_from_rows_s = linger_from_rows_s
         self.pending = pending()
         self.started_at = 0.0
+        self.oldest_ts = 0.0  # receive time of the batch's first row (the start time without rows)
         self.rate_rows_s = 0.0  # rows taken per second, over the last window
         self._taken = 0
         self._window_start: float | None = None
@@ -192,6 +195,9 @@ class BatchBuilder:
     def start(self, item: Item, now: float) -> None:
         self.pending = pending(item)
         self.started_at = now
+        rows = self.pending.rows
+        received = rows[0].received_ts if rows else now
+        self.oldest_ts = received if received.__class__ is float and received < now else now
         if self._window_start is None:
             self._window_start, self._window_rows = now, self._taken
         elif now - self._window_start >= RATE_WINDOW_S:
@@ -212,7 +218,7 @@ class BatchBuilder:
             or len(self.pending.rows) >= self.max_rows
         ):
             return 0.0
-        return max(0.0, self.started_at + self.linger_s - now)
+        return max(0.0, self.oldest_ts + self.linger_s - now)
 
     def take(self) -> Pending:
         taken, self.pending = self.pending, pending()

@@ -91,17 +91,23 @@ class Outbox:
         self.conflated_total += n
         self.episode_conflated += n
 
-    def take(self) -> RowsBatch | None:
-        """Everything pending as one batch (None when nothing is); conflation ends here: the
-        channel had room again if the actor could take a batch to send."""
+    def take(self, max_rows: int | None = None) -> RowsBatch | None:
+        """What is pending as one batch, its first ``max_rows`` rows at most (None when nothing
+        is); the rest stays pending, in order, for the next take. Positions snapshots and
+        session events go with the first batch. Conflation ends here: the channel had room
+        again if the actor could take a batch to send."""
         if self.empty:
             return None
         rows = self._rows
         if self._conflated is not None:
             rows = rows + list(self._conflated.values())
             self._conflated = None
+        if max_rows is not None and len(rows) > max_rows:
+            self._rows = rows[max_rows:]
+            rows = rows[:max_rows]
+        else:
+            self._rows = []
         batch = RowsBatch(rows, tuple(self._positions), tuple(self._sessions))
-        self._rows = []
         self._positions = []
         self._sessions = []
         return batch

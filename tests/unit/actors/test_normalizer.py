@@ -153,3 +153,47 @@ async def test_a_full_rows_channel_conflates_newest_per_position_and_never_block
         assert conflated > 0
     assert len(rows) + conflated == n  # every row was either sent or counted
     assert {n - 2, n - 1} <= set(seqs)  # the newest row of each position was kept
+
+
+async def test_rounds_are_bounded_in_events_and_items_in_rows() -> None:
+    # 20 frames of 100 events queued at once: the receiver applies at most ~max_events per round
+    # (then lets the other actors run), and every item it sends holds at most max_rows_per_item
+    # rows, in order, nothing lost.
+    applied: list[int] = []
+
+    class CountingBook(Book):
+        def apply(self, events):  # type: ignore[no-untyped-def]
+            events = list(events)
+            applied.append(len(events))
+            return super().apply(events)
+
+    done = anyio.Event()
+    out: list[RowsBatch] = []
+    frames = [[update(KEYS[i % 2], f * 100 + i) for i in range(100)] for f in range(20)]
+
+    async def producer(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        await ctx.senders["raw"].send([SNAPSHOT])
+        for frame in frames:
+            ctx.senders["raw"].send_nowait(frame)  # all queued before the normalizer's next round
+        await anyio.sleep_forever()
+
+    async def sink(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        async for batch in ctx.receivers["rows"]:
+            out.append(batch)
+            if sum(len(b.rows) for b in out) == 2000:
+                done.set()
+
+    registry = StatusRegistry(mode="simulated", clock=lambda: 0.0)
+    normalizer = make_normalizer(book=CountingBook(), max_events=300, max_rows_per_item=120)
+    specs = [
+        ActorSpec("sink", sink, inputs=("rows",)),
+        ActorSpec("normalizer", normalizer, inputs=("raw",), outputs=("rows",)),
+        ActorSpec("producer", producer, outputs=("raw",)),
+    ]
+    await run_tree(specs, registry, rows_capacity=64, until=done)
+    assert max(applied) <= 300 + 100  # a round stops at the frame that reaches max_events
+    assert sum(applied) == 1 + 2000
+    assert all(len(b.rows) <= 120 for b in out)
+    assert [r.seq for b in out for r in b.rows] == list(range(2000))

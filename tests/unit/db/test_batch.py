@@ -127,6 +127,23 @@ def test_builder_lingers_only_while_rows_arrive_fast() -> None:
     assert b.linger(t + 1.0) == 0.0
 
 
+def test_builder_linger_counts_from_the_oldest_rows_receive_time() -> None:
+    # A row that already waited in the channel (the writer was busy) waits only what is left of
+    # the linger; one older than the linger is committed at once.
+    b = BatchBuilder(max_rows=5000, max_delay_s=0.05, linger_s=0.004, linger_from_rows_s=0)
+    b.start([row(0)._replace(received_ts=100.0 - 0.003)], now=100.0)
+    assert b.linger(100.0) == pytest.approx(0.001)
+    b.take()
+    b.start([row(0)._replace(received_ts=100.0 - 0.010)], now=100.0)
+    assert b.linger(100.0) == 0.0
+    b.take()
+    b.start(RowsBatch([], (PositionsSnapshot("ibkr", ("U1",), (), 1.0),)), now=100.0)  # no rows
+    assert b.linger(100.0) == pytest.approx(0.004)
+    b.take()
+    b.start([row(0)._replace(received_ts=200.0)], now=100.0)  # a clock step: from the start
+    assert b.linger(100.0) == pytest.approx(0.004)
+
+
 def test_builder_linger_off_and_capped_by_the_max_delay() -> None:
     off = BatchBuilder(max_rows=5000, max_delay_s=0.05, linger_s=0.0, linger_from_rows_s=0)
     off.start([row(0)], now=1.0)

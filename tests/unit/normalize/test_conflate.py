@@ -101,3 +101,35 @@ def test_blocked_keeps_every_row_up_to_keep_rows_then_conflates() -> None:
     assert batch is not None
     assert [(r.instrument, r.seq) for r in batch.rows] == [("A", 7), ("B", 7)]
     assert box.end_episode() == 3
+
+
+def test_take_hands_out_at_most_max_rows_in_order_positions_with_the_first() -> None:
+    # The rows channel counts items, not rows: capping an item's rows bounds what it can hold.
+    box = Outbox(keep_rows=100)
+    snap = PositionsSnapshot("ibkr", ("U1",), (), 1.0)
+    ended = SessionEnded("ibkr", "s", 1.0, "stopped", 0)
+    box.add([row("U1", "A", i) for i in range(1, 8)], [snap], [ended])
+    first = box.take(3)
+    assert first is not None
+    assert [r.seq for r in first.rows] == [1, 2, 3]
+    assert (first.positions, first.sessions) == ((snap,), (ended,))
+    box.add([row("U1", "A", 8)])
+    second, third = box.take(3), box.take(3)
+    assert second is not None
+    assert third is not None
+    assert [r.seq for r in second.rows] == [4, 5, 6]
+    assert [r.seq for r in third.rows] == [7, 8]
+    assert (second.positions, second.sessions, third.positions) == ((), (), ())
+    assert box.take(3) is None
+    # while conflating too: what is left after the cap stays pending, nothing more is dropped
+    box = Outbox(keep_rows=0)
+    box.add([row("U1", k, 1) for k in "ABCDE"])
+    box.add([row("U1", k, 2) for k in "ABCDE"], blocked=True)
+    assert box.conflated_total == 5
+    capped, rest = box.take(2), box.take()
+    assert capped is not None
+    assert rest is not None
+    assert len(capped.rows) == 2
+    assert sorted((r.instrument, r.seq) for r in [*capped.rows, *rest.rows]) == [(k, 2) for k in "ABCDE"]
+    assert box.conflated_total == 5
+    assert box.take() is None
