@@ -5,8 +5,7 @@ session events.
 Rules: pure. No I/O, no clock, no asyncpg: values in, values out (the SQL is in :mod:`db.copy`).
 
 Per-batch, not per-row, work: every per-row step is a C-level ``map``/``zip`` over the rows (a
-``GreeksSnapshot`` is a tuple, so ``itemgetter`` reads its fields), never a Python loop, except
-where rows are out of time order (:func:`newest_indexes`).
+``GreeksSnapshot`` is a tuple, so ``itemgetter`` reads its fields), never a Python loop.
 
 The one-statement write takes the rows' float values as one two-dimensional ``float8[][]``
 parameter (one inner list per column): asyncpg checks every element of a one-dimensional array
@@ -21,12 +20,13 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from itertools import repeat, starmap
-from operator import add, attrgetter, is_, itemgetter, mul
+from operator import attrgetter, is_, itemgetter
 from typing import Any
 
 from db.batch import Batch, transpose
@@ -167,21 +167,13 @@ def newest_indexes(cols: Columns, position_ids: Sequence[int]) -> list[int]:
     """Index of the newest row of each position: the greatest ``(event_ts, received_ts)``, the
     later row on a tie (``INSERT ... ON CONFLICT`` takes one row per key).
 
-    Rows in time order (the usual case) need no comparison: the last row of each position is
-    the newest, found by a dict built in C (the order check is a C sort of presorted data).
+    All in C: the row indexes sorted by time (a stable sort: on a tie the later row stays later;
+    rows mostly arrive in time order, which Timsort takes in one pass), then a dict from position
+    to index built in that order keeps each position's last, i.e. newest, row.
     """
     times = list(zip(cols[EVENT_TS], cols[RECEIVED_TS], strict=True))
-    if times == sorted(times):
-        return list(dict(zip(position_ids, range(len(times)), strict=True)).values())
-    newest: dict[int, tuple[float, float]] = {}
-    best: dict[int, int] = {}
-    get = newest.get
-    for i, (pid, t) in enumerate(zip(position_ids, times, strict=True)):
-        cur = get(pid)
-        if cur is None or t >= cur:
-            newest[pid] = t
-            best[pid] = i
-    return list(best.values())
+    order = sorted(range(len(times)), key=times.__getitem__)
+    return list(dict(zip(map(position_ids.__getitem__, order), order, strict=True)).values())
 
 
 # The fields the statement parameters read (matrix(), seqs()): select() copies only these.
@@ -319,6 +311,9 @@ def _pack(columns: Sequence[Sequence[Any]], present: tuple[bool, ...], n: int) -
     return b"".join(starmap(_struct(present).pack, zip(*args, strict=False)))
 
 
+_WIDE = ((0).to_bytes(2, sys.byteorder), (1).to_bytes(2, sys.byteorder))  # a flag as a 2-byte digit
+
+
 def copy_chunk(cols: Columns, position_ids: Sequence[int], start: int = 0, end: int | None = None) -> bytes:
     """The binary COPY rows (no signature, no trailer) of rows ``start:end``, in
     :data:`HISTORY_COLUMNS` order.
@@ -354,11 +349,21 @@ def copy_chunk(cols: Columns, position_ids: Sequence[int], start: int = 0, end: 
     try:
         if not mixed:
             return _pack(columns, tuple(present), n)
-        # One integer per row naming its NULL pattern over the mixed columns; the rows sorted by
-        # it (a C sort on ints) make each pattern a contiguous run of every column.
-        key: list[int] = [0] * n
+        # One number per row naming its NULL pattern over the mixed columns (bit ``b`` set when
+        # mixed column ``b`` is NULL), built a column at a time in C: each column's NULL flags
+        # as bytes (one per row) are read as one big integer, shifted into place and summed, so
+        # every row's byte of the sum holds its pattern (at most 8 mixed columns: bytes never
+        # carry into each other; more than that, a wider digit per row). The rows sorted by it
+        # (a C sort) make each pattern a contiguous run of every column.
+        width = 1 if len(mixed) <= 8 else 2
+        total = 0
         for bit, i in enumerate(mixed):
-            key = list(map(add, key, map(mul, map(is_, columns[i], repeat(None)), repeat(1 << bit))))
+            flags = bytes(map(is_, columns[i], repeat(None)))
+            if width == 2:
+                flags = b"".join(map(_WIDE.__getitem__, flags))
+            total += int.from_bytes(flags, sys.byteorder) << bit
+        packed = total.to_bytes(n * width, sys.byteorder)
+        key: Sequence[int] = packed if width == 1 else memoryview(packed).cast("H")
         order = sorted(range(n), key=key.__getitem__)
         pick = itemgetter(*order)
         columns = [pick(col) for col in columns]  # tuples (n > 1: a mixed column needs two rows)

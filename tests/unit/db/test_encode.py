@@ -137,6 +137,31 @@ def test_copy_stream_decodes_to_the_rows(rows: list[GreeksSnapshot], chunk_rows:
         assert rec["greeks_source"] == {"broker": b"b", "model": b"m", None: None}[r.greeks_source]
 
 
+def test_copy_stream_with_every_optional_column_mixed() -> None:
+    # 13 optional columns NULL in some rows and not in others (more than 8: the grouping key
+    # then takes two bytes a row), in many patterns.
+    optional = ("bid", "ask", "last", "mark", "underlying_price", "iv", "delta", "gamma", "theta",
+                "vega", "rho", "seq", "greeks_source")  # fmt: skip
+    full = dict.fromkeys(optional, 1.5) | {"seq": 7, "greeks_source": "model"}
+    rows = [
+        row(i)._replace(**{name: (None if (i >> b) & 1 else full[name]) for b, name in enumerate(optional)})
+        for i in range(300)
+    ]
+    decoded = sorted(
+        decode_copy(b"".join(copy_payload(transpose(rows), list(range(300))))), key=lambda r: r["position_id"]
+    )
+    assert [r["position_id"] for r in decoded] == list(range(300))
+    for rec, r in zip(decoded, rows, strict=True):
+        for name in optional:
+            got = rec[name]
+            if getattr(r, name) is None:
+                assert got is None
+            elif name == "greeks_source":
+                assert got == b"m"
+            else:
+                assert got == full[name]
+
+
 @given(st.floats(min_value=0, max_value=1.2e10) | st.floats(min_value=-1e10, max_value=0))
 def test_pg_timestamp_us_rounds_like_fromtimestamp(ts: float) -> None:
     expected = datetime.fromtimestamp(ts, UTC) - _PG_EPOCH
