@@ -315,19 +315,25 @@ class _Writer:
         if not self.db_up or self.recovering:
             return None
         # A small batch is encoded in one go (well under a millisecond: an event-loop round per
-        # step would cost more than the step); a large one yields to the write in flight
-        # between its parts (COPY chunks of ``COPY_CHUNK_ROWS``).
+        # step would cost more than the step); a large one yields between its parts (COPY
+        # chunks of ``COPY_CHUNK_ROWS``) while the previous write is still in flight, so that
+        # write is served. Once that write is done there is nothing to serve: yielding would
+        # only hand every round to the brokers and the normalizer, which under load made a
+        # large batch (after a slow commit) take longer still, and the next one larger.
         large = len(batch.rows) >= SMALL_BATCH_ROWS
-        if large:
+        if large and self._write_in_flight():
             await anyio.lowlevel.checkpoint()  # cleaning took its share: let the write in flight go on
         prepared = Prepared(batch, self.dims, self.copy_min_rows, cols)
         try:
             for _ in prepared.steps(self.dims, eager=True):
-                if large:
+                if large and self._write_in_flight():
                     await anyio.lowlevel.checkpoint()
         except BatchDataError:
             return None  # raised again by the write, which sets the batch aside
         return prepared
+
+    def _write_in_flight(self) -> bool:
+        return self._in_flight is not None and not self._in_flight.is_set()
 
     def _start_submit(self, batch: Batch, prepared: Prepared | None) -> None:
         done = self._in_flight = anyio.Event()
