@@ -71,7 +71,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "BATCH_MAX_DELAY_MS": ("50", "longest a row waits for its batch to fill"),
     "BATCH_LINGER_MS": (
         "4",
-        "under load (10,000 rows/s and more), a batch is committed once its oldest row is this old; 0 = never wait",
+        "under load (10,000 rows/s and more) a batch goes once its oldest row is this old; 0 = no wait",
     ),
     "BUFFER_MAX_ROWS": ("100000", "rows held in memory while the database is down, then spooled"),
     "SPOOL_DIR": ("$VAR_DIR/spool", "where batches are spooled while the database is down"),
