@@ -68,7 +68,9 @@ class DatabaseSettings:
     name: str = "portfolio_engine"
     batch_max_rows: int = 5000
     batch_max_delay_ms: float = 50.0
-    batch_linger_ms: float = 4.0  # under load (10,000 rows/s and more), batches wait this long to grow
+    batch_linger_ms: float = (
+        4.0  # under load (10,000 rows/s and more) a batch goes once its oldest row is this old
+    )
     buffer_max_rows: int = 100_000
     spool_dir: Path = Path("var/spool")
     spool_max_bytes: int = 1 << 30

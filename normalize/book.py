@@ -98,8 +98,6 @@ class _Holder:
 class _Contract:
     """What the model and the derivations need about an instrument (from its positions)."""
 
-    underlying: str
-    asset_class: str
     is_call: bool
     strike: float | None
     expiry_ts: float | None
@@ -239,8 +237,7 @@ class Book:
             rec.contract = None
             return
         p = holders[0].position
-        asset_class = str(p.asset_class)
-        stock_like = asset_class in _STOCK_LIKE
+        stock_like = str(p.asset_class) in _STOCK_LIKE
         underlying = None
         if not stock_like and p.underlying:
             underlying = self._record((broker, p.underlying))
@@ -248,8 +245,6 @@ class Book:
                 underlying.feeds_price = True
                 underlying.price = _price(underlying.state)
         rec.contract = _Contract(
-            underlying=p.underlying,
-            asset_class=asset_class,
             is_call=str(p.right) == "C",
             strike=p.strike,
             expiry_ts=None if p.expiry is None else expiry_close_ts(p.expiry),
@@ -260,7 +255,7 @@ class Book:
     def _update(self, u: InstrumentUpdate, rows: list[GreeksSnapshot], out: BookOutput) -> None:
         rec = self._instruments.get((u.broker, u.instrument))
         if rec is None:
-            rec = self._instruments[(u.broker, u.instrument)] = _Instrument()
+            rec = self._record((u.broker, u.instrument))
         state = rec.state
         state.update(u.values)
         get = state.get
