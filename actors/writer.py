@@ -36,7 +36,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -64,6 +64,7 @@ from db.encode import (
     RECEIVED_TS,
     BatchDataError,
     Dimensions,
+    PendingLatest,
     Prepared,
     session_ok,
     snapshot_ok,
@@ -98,12 +99,14 @@ def make_writer(
     copy_min_rows: int = dbcopy.COPY_MIN_ROWS,
     pipeline: bool = True,
     linger_from_rows_s: float = LINGER_FROM_ROWS_S,
+    latest_from_rows_s: float = LINGER_FROM_ROWS_S,
 ) -> RunFn:
     """The writer's ``RunFn``. ``before_commit`` is a test seam (runs inside each batch's
     transaction after the writes); ``clock`` must be the clock of ``GreeksSnapshot.received_ts``;
     ``copy_min_rows``: batches of at least this many rows go by COPY; ``pipeline=False``: the
     next batch is gathered only once the previous one is committed (tests, benchmarks);
-    ``linger_from_rows_s``: the arrival rate from which batches linger (``BATCH_LINGER_MS``)."""
+    ``linger_from_rows_s``: the arrival rate from which batches linger (``BATCH_LINGER_MS``);
+    ``latest_from_rows_s``: the one from which the latest upsert is deferred (``LATEST_INTERVAL_MS``)."""
 
     async def run(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
         writer = _Writer(
@@ -120,6 +123,7 @@ def make_writer(
             copy_min_rows=copy_min_rows,
             pipeline=pipeline,
             linger_from_rows_s=linger_from_rows_s,
+            latest_from_rows_s=latest_from_rows_s,
         )
         await writer.run(task_status)
 
@@ -143,6 +147,7 @@ class _Writer:
         copy_min_rows: int,
         pipeline: bool,
         linger_from_rows_s: float,
+        latest_from_rows_s: float,
     ) -> None:
         self.settings = settings
         self.dsn = dsn
@@ -174,6 +179,12 @@ class _Writer:
             settings.batch_linger_ms / 1000,
             linger_from_rows_s,
         )
+        # Under load, greeks_latest is upserted at most every latest_interval_s (the newest row
+        # of each position of the batches in between, in one statement); the ledger marks the
+        # batches whose latest rows are pending, repaired at connect if an engine died first.
+        self.latest = PendingLatest()
+        self.latest_interval_s = settings.latest_interval_ms / 1000
+        self.latest_from_rows_s = latest_from_rows_s
         self.latency = LatencyTracker()
         # Broker event time (the broker's clock: the wire's own stamp) to commit, so the wire,
         # the decoding and the normalizer count too; skew between the clocks shows here.
@@ -193,6 +204,8 @@ class _Writer:
         self.rejected_rows = 0
         self.nonfinite_values = 0
         self.replayed_rows = 0
+        self.latest_flushes = 0
+        self.latest_repaired_rows = 0
         self.last_publish = 0.0
 
         self._tg: Any = None
@@ -269,8 +282,19 @@ class _Writer:
     async def _loop(self) -> None:
         rx = self.ctx.receivers["rows"]
         while True:
+            wait = self._latest_wait()
             try:
-                first = await rx.receive()
+                if wait is None:
+                    first = await rx.receive()
+                else:
+                    first = None
+                    with anyio.move_on_after(wait):
+                        first = await rx.receive()
+                    if first is None:  # idle with latest rows pending: apply them now
+                        await self._write_done()
+                        if self._latest_wait() is not None:
+                            self._start_task(self._flush_latest)
+                        continue
             except anyio.EndOfStream:
                 return
             self.builder.start(first, self.clock())
@@ -323,7 +347,9 @@ class _Writer:
         large = len(batch.rows) >= SMALL_BATCH_ROWS
         if large and self._write_in_flight():
             await anyio.lowlevel.checkpoint()  # cleaning took its share: let the write in flight go on
-        prepared = Prepared(batch, self.dims, self.copy_min_rows, cols)
+        prepared = Prepared(
+            batch, self.dims, self.copy_min_rows, cols, defer_latest=self._defer_latest(batch)
+        )
         try:
             for _ in prepared.steps(self.dims, eager=True):
                 if large and self._write_in_flight():
@@ -336,15 +362,58 @@ class _Writer:
         return self._in_flight is not None and not self._in_flight.is_set()
 
     def _start_submit(self, batch: Batch, prepared: Prepared | None) -> None:
+        async def submit() -> None:
+            await self._submit(batch, prepared)
+
+        self._start_task(submit)
+
+    def _start_task(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Run ``write`` (the one use of the connection at a time) as the write in flight."""
         done = self._in_flight = anyio.Event()
 
-        async def submit() -> None:
+        async def run() -> None:
             try:
-                await self._submit(batch, prepared)
+                await write()
             finally:
                 done.set()
 
-        self._tg.start_soon(submit)
+        self._tg.start_soon(run)
+
+    # -- greeks_latest, deferred under load --------------------------------------------------
+
+    def _defer_latest(self, batch: Batch) -> bool:
+        return bool(
+            self.latest_interval_s > 0 and batch.rows and self.builder.rate_rows_s >= self.latest_from_rows_s
+        )
+
+    def _latest_wait(self) -> float | None:
+        """Seconds until the pending latest rows are due (None: none, or no direct path)."""
+        if not self.latest or not self.db_up or self.recovering:
+            return None
+        return self.latest.wait_s(self.clock(), self.latest_interval_s)
+
+    async def _flush_latest(self) -> None:
+        """Apply the pending latest rows (one statement). A failure sends the writer into
+        recovery: the ledger marks stay, and the reconnect repairs those rows from history."""
+        if not self.latest or not self.db_up or self.recovering or self.conn is None:
+            return
+        try:
+            await dbcopy.flush_latest(self.conn, self.latest)
+        except Exception as exc:
+            if not (dbcopy.is_database_down(exc) or isinstance(exc, asyncpg.PostgresError)):
+                self.db_up = False
+                self._drop_conn()
+                raise
+            self.log.warning("latest_flush_failed", error=_err(exc), sqlstate=getattr(exc, "sqlstate", None))
+            self._go_down(exc, log=False)
+        except BaseException:
+            self.db_up = False
+            self._drop_conn()
+            raise
+        else:
+            self.latest_flushes += 1
+            self.latest.clear()
+            self._maybe_publish()
 
     async def _write_done(self) -> None:
         if self._in_flight is not None:
@@ -427,6 +496,12 @@ class _Writer:
                 raise
             else:
                 self._unbuffer(batch)
+                if self.latest and (
+                    prepared is None
+                    or not prepared.defer_latest
+                    or self.latest.due(self.clock(), self.latest_interval_s)
+                ):
+                    await self._flush_latest()
                 return
         if self.memory_rows > self.settings.buffer_max_rows:
             await self._spill()
@@ -457,6 +532,8 @@ class _Writer:
         committed_at = self.clock()
         n = len(batch.rows)
         if fresh:
+            if prepared is not None and prepared.defer_latest and not replayed:
+                self.latest.add(prepared, committed_at)
             self.rows_total += n
             self.batches_total += 1
             if replayed:
@@ -541,6 +618,7 @@ class _Writer:
 
     def _go_down(self, exc: BaseException, *, log: bool = True) -> None:
         self.db_up = False
+        self.latest.clear()  # their ledger marks stay: the reconnect repairs them from history
         if self.down_since is None:
             self.down_since = self.clock()
         if log:
@@ -712,6 +790,11 @@ class _Writer:
             await migrate(conn)
             self.known_days = await dbcopy.existing_partition_days(conn)
             await self._upkeep(conn, self.clock())
+            batches, rows = await dbcopy.repair_latest(conn)
+            self.latest.clear()  # pending rows of this writer were among them
+            if batches:
+                self.latest_repaired_rows += rows
+                self.log.warning("latest_repaired", batches=batches, rows=rows)
         except BaseException:
             conn.terminate()
             raise
@@ -785,6 +868,7 @@ class _Writer:
                             self.memory.popleft()
                             self.memory_rows -= len(batch.rows)
                             committed += len(batch.rows)
+                        await self._flush_latest()
                 except Exception as exc:
                     self.log.warning("db_write_failed_at_shutdown", error=_err(exc))
                     self._drop_conn()
@@ -841,6 +925,9 @@ class _Writer:
             "nonfinite_values": self.nonfinite_values,
             "replayed_rows": self.replayed_rows,
             "duplicate_batches": self.duplicate_batches,
+            "latest_pending_positions": len(self.latest),
+            "latest_flushes": self.latest_flushes,
+            "latest_repaired_rows": self.latest_repaired_rows,
         }
 
     def _publish(self) -> None:

@@ -73,6 +73,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "4",
         "under load (10,000 rows/s and more) a batch goes once its oldest row is this old; 0 = no wait",
     ),
+    "LATEST_INTERVAL_MS": (
+        "100",
+        "under load greeks_latest is updated at most this often (history: every batch); 0 = every batch",
+    ),
     "BUFFER_MAX_ROWS": ("100000", "rows held in memory while the database is down, then spooled"),
     "SPOOL_DIR": ("$VAR_DIR/spool", "where batches are spooled while the database is down"),
     "SPOOL_MAX_BYTES": (
@@ -343,6 +347,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         batch_max_rows=r.integer("BATCH_MAX_ROWS", 5000, low=1),
         batch_max_delay_ms=r.number("BATCH_MAX_DELAY_MS", 50.0, low_inclusive=True),
         batch_linger_ms=r.number("BATCH_LINGER_MS", 4.0, low_inclusive=True, high=1000.0),
+        latest_interval_ms=r.number("LATEST_INTERVAL_MS", 100.0, low_inclusive=True, high=60_000.0),
         buffer_max_rows=r.integer("BUFFER_MAX_ROWS", 100_000),
         spool_dir=r.path("SPOOL_DIR", var_dir / "spool"),
         spool_max_bytes=r.get(

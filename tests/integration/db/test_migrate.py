@@ -163,8 +163,9 @@ async def test_populated_wide_database_is_converted_without_losing_a_row(dsn: st
     assert [dict(r) for r in await fetch(dsn, "SELECT * FROM stream_sessions ORDER BY session_id")] == [
         {**s, "session_key": None, "engine_host": None} for s in before["sessions"]
     ]
-    assert [dict(r) for r in await fetch(dsn, "SELECT * FROM ingest_batches ORDER BY batch_id")] == before[
-        "ledger"
+    assert [dict(r) for r in await fetch(dsn, "SELECT * FROM ingest_batches ORDER BY batch_id")] == [
+        {**b, "latest_pending": False}
+        for b in before["ledger"]  # 0004: nothing pending
     ]
     assert (
         await fetch(

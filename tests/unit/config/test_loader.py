@@ -52,6 +52,7 @@ BAD_VALUES = [
     ("BATCH_MAX_ROWS", "0", "BATCH_MAX_ROWS (got '0'): expected an integer >= 1"),
     ("BATCH_MAX_DELAY_MS", "-5", "BATCH_MAX_DELAY_MS (got '-5'): expected a number >= 0"),
     ("BATCH_LINGER_MS", "2000", "BATCH_LINGER_MS (got '2000'): expected a number >= 0 and <= 1000"),
+    ("LATEST_INTERVAL_MS", "-1", "LATEST_INTERVAL_MS (got '-1'): expected a number >= 0 and <= 60000"),
     ("BUFFER_MAX_ROWS", "-1", "BUFFER_MAX_ROWS (got '-1'): expected an integer >= 0"),
     (
         "SPOOL_MAX_BYTES",
@@ -139,6 +140,7 @@ def test_defaults() -> None:
     assert s.db.url is None
     assert s.db.embedded_dir == Path("var/postgres")
     assert s.db.spool_dir == Path("var/spool")
+    assert s.db.latest_interval_ms == 100.0
     assert s.brokers == ("ibkr", "tastytrade")
     assert s.mode == "simulated"
     tt = s.tastytrade

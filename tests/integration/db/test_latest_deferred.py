@@ -1,0 +1,207 @@
+"""greeks_latest deferred under load: batches committed without their latest upsert (ledger
+marked), applied later in one statement, or rebuilt from history when an engine died first."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import anyio
+import pytest
+
+from config.settings import DatabaseSettings
+from db.batch import Batch, days_of
+from db.copy import connect, ensure_partitions, flush_latest, repair_latest, write_batch
+from db.encode import Dimensions, PendingLatest, Prepared
+from db.migrate import migrate
+from normalize.model import GreeksSnapshot
+
+from .helpers import WriterHarness, count, fetch, snapshot
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+LATEST = """
+SELECT i.instrument, l.seq, l.event_ts, l.received_ts, l.delta, l.iv, l.gamma, l.greeks_source, l.batch_id
+FROM greeks_latest l
+JOIN position_keys k ON k.position_id = l.position_id
+JOIN instruments i ON i.instrument_id = k.instrument_id
+"""
+MARKED = "SELECT count(*) FROM ingest_batches WHERE latest_pending"
+
+
+def _batches(base: float) -> list[list[GreeksSnapshot]]:
+    """Five batches over 7 instruments, later rows newer; the last one holds only a stale row
+    (an older event time) and a row whose times tie with the newest of an earlier batch."""
+    batches = []
+    for b in range(5):
+        rows = [
+            snapshot(b * 10 + j, ts=base + b + j * 0.01, received=base + b + 0.5, n_instruments=7)._replace(
+                delta=round(0.1 * j + 0.01 * b, 4), greeks_source="broker" if j % 2 else "model"
+            )
+            for j in range(10)
+        ]
+        batches.append(rows)
+    tie = batches[3][9]  # the newest row of its instrument so far
+    batches[4] = [
+        snapshot(3, ts=base - 100, received=base + 4.5, n_instruments=7),  # stale: changes nothing
+        tie._replace(seq=999, delta=0.777),  # the same times as batch 3's row: a tie
+    ]
+    return batches
+
+
+def _expected(batches: Sequence[Sequence[GreeksSnapshot]]) -> dict[str, tuple[int | None, float | None]]:
+    newest: dict[str, GreeksSnapshot] = {}
+    for rows in batches:
+        for r in rows:
+            cur = newest.get(r.instrument)
+            if cur is None or (r.event_ts, r.received_ts) >= (cur.event_ts, cur.received_ts):
+                newest[r.instrument] = r
+    return {k: (r.seq, r.delta) for k, r in newest.items()}
+
+
+async def _write_deferred(
+    conn: Any, dims: Dimensions, batches: Sequence[Sequence[GreeksSnapshot]], copy_min_rows: int
+) -> tuple[PendingLatest, list[uuid.UUID]]:
+    pending = PendingLatest()
+    ids = []
+    for rows in batches:
+        batch = Batch(uuid.uuid4(), rows)
+        ids.append(batch.batch_id)
+        p = Prepared(batch, dims, copy_min_rows, defer_latest=True).run(dims)
+        assert await write_batch(conn, batch, dims=dims, prepared=p, copy_min_rows=copy_min_rows)
+        pending.add(p, time.time())
+    return pending, ids
+
+
+@pytest.mark.parametrize("copy_min_rows", [2000, 1], ids=["one-statement", "copy"])
+async def test_flush_applies_what_the_per_batch_upserts_would_have(dsn: str, copy_min_rows: int) -> None:
+    # Arrange: the first batch upserts as usual, the other four defer.
+    batches = _batches(time.time() - 60)
+    await migrate(dsn)
+    conn = await connect(dsn)
+    try:
+        await ensure_partitions(conn, days_of([r for rows in batches for r in rows]))
+        dims = Dimensions()
+        assert await write_batch(
+            conn, Batch(uuid.uuid4(), batches[0]), dims=dims, copy_min_rows=copy_min_rows
+        )
+        before = {r["instrument"]: r["seq"] for r in await conn.fetch(LATEST)}
+        pending, ids = await _write_deferred(conn, dims, batches[1:], copy_min_rows)
+
+        # Assert: history complete, latest untouched, the four batches marked
+        assert await conn.fetchval("SELECT count(*) FROM greeks_history") == sum(map(len, batches))
+        assert {r["instrument"]: r["seq"] for r in await conn.fetch(LATEST)} == before
+        assert await conn.fetchval(MARKED) == 4
+
+        # Act
+        assert await flush_latest(conn, pending) == 7
+        latest = {r["instrument"]: r for r in await conn.fetch(LATEST)}
+        assert await conn.fetchval(MARKED) == 0
+    finally:
+        await conn.close()
+
+    assert {k: (r["seq"], r["delta"]) for k, r in latest.items()} == _expected(batches)
+    # each row names the batch it came from: the tie went to the later batch (seq 999, batch 5)
+    tied = batches[4][-1].instrument
+    assert (latest[tied]["seq"], latest[tied]["batch_id"]) == (999, ids[3])
+
+
+async def test_repair_rebuilds_the_latest_rows_a_dead_engine_left_pending(dsn: str) -> None:
+    batches = _batches(time.time() - 60)
+    await migrate(dsn)
+    conn = await connect(dsn)
+    try:
+        await ensure_partitions(conn, days_of([r for rows in batches for r in rows]))
+        dims = Dimensions()
+        assert await write_batch(conn, Batch(uuid.uuid4(), batches[0]), dims=dims)
+        await _write_deferred(conn, dims, batches[1:], 2000)  # never flushed: the engine "died"
+        assert await conn.fetchval(MARKED) == 4
+    finally:
+        await conn.close()
+
+    conn = await connect(dsn)
+    try:
+        marked, repaired = await repair_latest(conn)
+        again = await repair_latest(conn)
+        latest = {r["instrument"]: r for r in await conn.fetch(LATEST)}
+        assert await conn.fetchval(MARKED) == 0
+    finally:
+        await conn.close()
+
+    assert (marked, repaired) == (4, 7)
+    assert again == (0, 0)
+    # The Greeks come back as the digits sent (history keeps them as real), the source spelled out.
+    assert {k: (r["seq"], r["delta"]) for k, r in latest.items()} == _expected(batches)
+    assert {r["greeks_source"] for r in latest.values()} == {"broker", "model"}
+    assert {(r["iv"], r["gamma"]) for r in latest.values()} == {(0.2, 0.01)}
+
+
+async def test_under_load_the_writer_applies_latest_at_the_interval(
+    dsn: str, db_settings: DatabaseSettings
+) -> None:
+    # Deferral forced (any arrival rate counts as load), 50 ms interval: every committed batch
+    # leaves its latest rows pending; they are applied by a later batch's write or, once the
+    # feed is idle, on their own. At the end every position's latest row is its newest.
+    settings = replace(db_settings, latest_interval_ms=50)
+    harness = WriterHarness(settings, dsn, kwargs={"latest_from_rows_s": 0.0, "pipeline": False})
+    base = time.time()
+    rows = [snapshot(i, ts=base + i * 1e-3, n_instruments=13) for i in range(400)]
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            for i in range(0, 400, 20):
+                await harness.send.send(rows[i : i + 20])
+                await harness.wait_for(lambda s, i=i: s.get("rows_total", 0) >= i + 20)
+            # idle now: the pending rows go on their own within the interval
+            status = await harness.wait_for(lambda s: s.get("latest_pending_positions") == 0)
+            assert status["rows_total"] == 400
+            assert status["latest_flushes"] >= 1
+            assert await count(dsn, MARKED) == 0
+            latest = {r["instrument"]: r["seq"] for r in await fetch(dsn, LATEST)}
+            assert latest == {k: seq for k, (seq, _) in _expected([rows]).items()}
+            harness.send.close()
+
+
+async def test_below_the_rate_every_batch_upserts_latest(dsn: str, db_settings: DatabaseSettings) -> None:
+    # default: deferral from 10,000 rows/s only
+    harness = WriterHarness(db_settings, dsn, kwargs={"pipeline": False})
+    rows = [snapshot(i, n_instruments=5) for i in range(30)]
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            for i in range(0, 30, 3):
+                await harness.send.send(rows[i : i + 3])
+                await harness.wait_for(lambda s, i=i: s.get("rows_total", 0) >= i + 3)
+                seqs = {r["instrument"]: r["seq"] for r in await fetch(dsn, LATEST)}
+                assert seqs == {k: seq for k, (seq, _) in _expected([rows[: i + 3]]).items()}
+            harness.send.close()
+    assert harness.status["latest_flushes"] == 0
+
+
+async def test_a_writer_starting_repairs_what_a_dead_one_left(
+    dsn: str, db_settings: DatabaseSettings
+) -> None:
+    batches = _batches(time.time() - 60)
+    await migrate(dsn)
+    conn = await connect(dsn)
+    try:
+        await ensure_partitions(conn, days_of([r for rows in batches for r in rows]))
+        await _write_deferred(conn, Dimensions(), batches, 2000)
+    finally:
+        await conn.close()
+    assert await count(dsn, "SELECT count(*) FROM greeks_latest") == 0
+
+    harness = WriterHarness(db_settings, dsn)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            harness.send.close()
+
+    assert [(e["batches"], e["rows"]) for e in harness.events("latest_repaired")] == [(5, 7)]
+    assert harness.status["latest_repaired_rows"] == 7
+    latest = {r["instrument"]: (r["seq"], r["delta"]) for r in await fetch(dsn, LATEST)}
+    assert latest == _expected(batches)
+    assert await count(dsn, MARKED) == 0
