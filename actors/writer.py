@@ -6,7 +6,10 @@ Loop: wait for one item, drain what is already queued (up to ``batch_max_rows`` 
 ``batch_max_delay_ms`` of draining), then write it as one exactly-once batch
 (:func:`db.copy.write_batch`: one statement for small batches, a transaction with COPY for large
 ones or when positions, sessions or first-seen positions come along), record tick-to-commit
-latency per row, report. Position ids are cached for the connection's life.
+latency per row, report. Position ids are cached for the connection's life. Under load the
+latest-state upsert is deferred: batches commit history only (their ledger rows marked) and the
+newest row of each position is applied at most every ``LATEST_INTERVAL_MS`` in one statement;
+marks an engine left behind are repaired from history at connect.
 
 Database away (network, restart, too many connections): the failed batch and every following
 one go to a bounded in-memory buffer; past ``buffer_max_rows`` the buffer is moved to the fsync'ed

@@ -19,7 +19,10 @@ from db.encode import Dimensions, PendingLatest, Prepared
 from db.migrate import migrate
 from normalize.model import GreeksSnapshot
 
+from .conftest import PgTarget
 from .helpers import WriterHarness, count, fetch, snapshot
+from .proxy import TcpProxy
+from .test_outage import FAST_RECONNECT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -204,4 +207,50 @@ async def test_a_writer_starting_repairs_what_a_dead_one_left(
     assert harness.status["latest_repaired_rows"] == 7
     latest = {r["instrument"]: (r["seq"], r["delta"]) for r in await fetch(dsn, LATEST)}
     assert latest == _expected(batches)
+    assert await count(dsn, MARKED) == 0
+
+
+@pytest.mark.integration
+async def test_latest_rows_pending_across_an_outage_are_repaired_at_reconnect(
+    pg: PgTarget, dsn: str, db_settings: DatabaseSettings
+) -> None:
+    # Deferral forced, an interval longer than the test: the rows of the first phase are still
+    # pending (only their ledger marks in the database) when the connection is cut. The reconnect
+    # repairs them from history, the spooled batches upsert their own, and the last phase's are
+    # applied by the shutdown drain.
+    settings = replace(db_settings, latest_interval_ms=60_000)
+    await migrate(dsn)
+    rows = [snapshot(i, n_instruments=11) for i in range(300)]
+    with anyio.fail_after(45):
+        async with anyio.create_task_group() as tg:
+            proxy = TcpProxy(*pg.host_port)
+            await proxy.start(tg)
+            kwargs = {**FAST_RECONNECT, "latest_from_rows_s": 0.0, "pipeline": False}
+            harness = WriterHarness(settings, proxy.route(dsn), kwargs=kwargs)
+            await tg.start(harness.run)
+            async with harness.send:
+                for i in range(0, 100, 10):
+                    await harness.send.send(rows[i : i + 10])
+                await harness.wait_for(lambda s: s["rows_total"] == 100)
+                assert harness.status["latest_pending_positions"] == 11
+                assert await count(dsn, "SELECT count(*) FROM greeks_latest") == 0
+                marked = await count(dsn, MARKED)
+                assert marked >= 1
+                proxy.cut()
+                for i in range(100, 200, 10):
+                    await harness.send.send(rows[i : i + 10])
+                await harness.wait_for(lambda s: s["state"] == "spooling")
+                proxy.restore()
+                await harness.wait_for(lambda s: s["state"] == "running" and s["rows_total"] == 200)
+                for i in range(200, 300, 10):
+                    await harness.send.send(rows[i : i + 10])
+                await harness.wait_for(lambda s: s["rows_total"] == 300)
+                assert harness.status["latest_pending_positions"] == 11
+            await harness.finished.wait()  # the drain applies what is pending
+            proxy.stop()
+
+    assert [e["batches"] for e in harness.events("latest_repaired")] == [marked]
+    assert harness.status["rows_total"] == 300
+    latest = {r["instrument"]: r["seq"] for r in await fetch(dsn, LATEST)}
+    assert latest == {k: seq for k, (seq, _) in _expected([rows]).items()}
     assert await count(dsn, MARKED) == 0
