@@ -48,9 +48,10 @@ def _exact_ts(x: str) -> str:
     )
 
 
-def _matrix(param: str) -> str:
-    """The ``float8[][]`` parameter ``param`` as one slice per :data:`MATRIX_ROWS` entry."""
-    return ", ".join(f"({param}::float8[])[{i + 1}:{i + 1}]" for i in range(len(MATRIX_ROWS)))
+def _matrix(param: str, rows: int = len(MATRIX_ROWS)) -> str:
+    """The ``float8[][]`` parameter ``param`` as one slice per row (the first ``rows`` of
+    :data:`MATRIX_ROWS`)."""
+    return ", ".join(f"({param}::float8[])[{i + 1}:{i + 1}]" for i in range(rows))
 
 
 _ROW_VALUES = f"""{_exact_ts("u.event_ts")} AS event_ts,
@@ -96,6 +97,29 @@ WRITE_ROWS = f"""{_LEDGER_AND_ROWS}, history AS (
            position_id, iv, delta, gamma, theta, vega, rho,
            CASE greeks_source WHEN 'broker' THEN 'b' WHEN 'model' THEN 'm' END::"char"
     FROM r
+)
+SELECT EXISTS (SELECT 1 FROM batch)
+"""
+
+# The one-statement write of a batch whose latest rows are deferred: the ledger row (marked) and
+# the history rows, straight from the parameters (no latest upsert, so nothing to materialize;
+# the matrix without its newest-flags row). About 15 % less server time per row than WRITE_ROWS
+# with no row flagged (measured at 500 rows: 7.6-9.2 against 8.8-10.4 us of backend CPU a row).
+WRITE_ROWS_DEFERRED = f"""
+WITH batch AS (
+    INSERT INTO ingest_batches (batch_id, row_count, min_event_ts, max_event_ts,
+                                min_received_ts, max_received_ts, replayed, latest_pending)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, true)
+    ON CONFLICT (batch_id) DO NOTHING
+    RETURNING batch_id
+), history AS (
+    INSERT INTO greeks_history ({", ".join(HISTORY_COLUMNS)})
+    SELECT {_exact_ts("u.event_ts")}, {_exact_ts("u.received_ts")}, u.quantity, u.bid, u.ask, u.last,
+           u.mark, u.underlying_price, u.seq, u.position_id::int4, u.iv, u.delta, u.gamma, u.theta,
+           u.vega, u.rho, (CASE u.greeks_source WHEN 1 THEN 'b' WHEN 2 THEN 'm' END)::"char"
+    FROM unnest({_matrix("$8", len(MATRIX_ROWS) - 1)}, $9::int8[])
+        AS u({", ".join(MATRIX_ROWS[:-1])}, seq)
+    WHERE EXISTS (SELECT 1 FROM batch)
 )
 SELECT EXISTS (SELECT 1 FROM batch)
 """
@@ -427,7 +451,7 @@ async def write_batch(
         p.resolve(dims.positions)  # ids that arrived since it was prepared (a no-op usually)
     if not (missing or p.accounts or batch.sessions or before_commit or p.large):
         assert p.rows_args is not None
-        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(p, replayed), *p.rows_args, p.defer_latest))
+        return bool(await conn.fetchval(*_rows_statement(p, replayed)))
     created: dict[encode.PositionKey, int] = {}
     async with conn.transaction():
         if missing:
@@ -463,6 +487,15 @@ def _ledger(p: encode.Prepared, replayed: bool) -> tuple[Any, ...]:
     )
 
 
+def _rows_statement(p: encode.Prepared, replayed: bool) -> tuple[Any, ...]:
+    """The one-statement write of ``p`` and its arguments."""
+    assert p.rows_args is not None
+    if p.defer_latest:
+        matrix, seq = p.rows_args
+        return (WRITE_ROWS_DEFERRED, *_ledger(p, replayed), matrix[:-1], seq)
+    return (WRITE_ROWS, *_ledger(p, replayed), *p.rows_args, False)
+
+
 async def flush_latest(conn: asyncpg.Connection, pending: encode.PendingLatest) -> int:
     """Apply the deferred latest rows and clear their batches' marks (one statement, committed
     on return); how many positions it carried. The caller clears ``pending`` once it returns."""
@@ -494,7 +527,7 @@ async def _write_rows(conn: asyncpg.Connection, p: encode.Prepared, replayed: bo
     """Ledger row, latest upsert and history rows (by COPY when large); False: a duplicate."""
     if not p.large:
         assert p.rows_args is not None
-        return bool(await conn.fetchval(WRITE_ROWS, *_ledger(p, replayed), *p.rows_args, p.defer_latest))
+        return bool(await conn.fetchval(*_rows_statement(p, replayed)))
     assert p.latest_args is not None
     if not await conn.fetchval(
         WRITE_LEDGER_AND_LATEST, *_ledger(p, replayed), *p.latest_args, p.defer_latest

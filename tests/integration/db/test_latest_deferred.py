@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -254,3 +255,34 @@ async def test_latest_rows_pending_across_an_outage_are_repaired_at_reconnect(
     latest = {r["instrument"]: r["seq"] for r in await fetch(dsn, LATEST)}
     assert latest == {k: seq for k, (seq, _) in _expected([rows]).items()}
     assert await count(dsn, MARKED) == 0
+
+
+@pytest.mark.parametrize("copy_min_rows", [2000, 1], ids=["one-statement", "copy"])
+async def test_a_deferred_batch_stores_the_same_history(dsn: str, copy_min_rows: int) -> None:
+    # The same rows (seq apart) written with the upsert and deferred: every history value equal,
+    # times rounded as datetime.fromtimestamp rounds them (a half microsecond), NULLs and sources.
+    ts = 1_710_000_000.0000005
+    rows = [
+        snapshot(i, ts=ts + i * 0.25, n_instruments=5)._replace(
+            last=None if i % 3 else 1.07,
+            rho=None if i % 2 else 0.01,
+            greeks_source=(None, "broker", "model")[i % 3],
+        )
+        for i in range(30)
+    ]
+    again = [r._replace(seq=(r.seq or 0) + 1000) for r in rows]
+    await migrate(dsn)
+    conn = await connect(dsn)
+    try:
+        await ensure_partitions(conn, days_of(rows))
+        dims = Dimensions()
+        assert await write_batch(conn, Batch(uuid.uuid4(), rows), dims=dims, copy_min_rows=copy_min_rows)
+        await _write_deferred(conn, dims, [again], copy_min_rows)
+        stored = [dict(r) for r in await conn.fetch("SELECT * FROM greeks_history ORDER BY seq")]
+    finally:
+        await conn.close()
+    assert len(stored) == 60
+    for plain, deferred in zip(stored[:30], stored[30:], strict=True):
+        assert deferred["seq"] == plain["seq"] + 1000
+        assert {**deferred, "seq": plain["seq"]} == plain
+    assert stored[0]["event_ts"] == datetime.fromtimestamp(ts, UTC)
