@@ -302,11 +302,21 @@ class _Writer:
                 return
             self.builder.start(first, self.clock())
             eof = self._gather(rx)
-            if not eof:
-                delay = self.builder.linger(self.clock())
-                if delay > 0:  # under load: let the batch grow (BATCH_LINGER_MS)
-                    await anyio.sleep(delay)
-                    eof = self._gather(rx)
+            delay = 0.0 if eof else self.builder.linger(self.clock())
+            if delay > 0:  # under load: let the batch grow (BATCH_LINGER_MS)
+                await anyio.sleep(delay)
+                eof = self._gather(rx)
+            elif (
+                not eof
+                and self._write_in_flight()
+                and len(self.builder.rows) < SMALL_BATCH_ROWS
+                and self.builder.rate_rows_s < self.builder.linger_from_rows_s
+            ):
+                # Below the linger's rate a small batch (cheap to encode) waits for the write in
+                # flight, and what arrives meanwhile joins it instead of waiting for one more
+                # commit: fewer commits, no added wait.
+                await self._write_done()
+                eof = self._gather(rx)
             # The batch is in the buffer before any await: cancelled or crashed from here on,
             # the shutdown drain commits or spools it.
             batch, cols = await self._clean_and_buffer(self.builder.take())

@@ -202,3 +202,35 @@ async def test_nan_values_are_stored_as_no_value_and_counted(dsn: str, db_settin
         dsn, "SELECT count(*) AS n FROM greeks_current WHERE delta = 'NaN' OR pos_delta = 'NaN'"
     )
     assert nan_count[0]["n"] == 0
+
+
+async def test_items_arriving_during_a_write_join_the_next_batch(
+    dsn: str, db_settings: DatabaseSettings
+) -> None:
+    # The first write is held inside its transaction. Item 2 is received meanwhile, then items 3
+    # and 4 arrive: below the linger's rate the writer waits for the write in flight before
+    # taking its batch, so 2, 3 and 4 go in one commit (taken at once, 2 would go alone).
+    release = anyio.Event()
+
+    async def hold(conn: asyncpg.Connection) -> None:
+        await release.wait()
+
+    harness = WriterHarness(db_settings, dsn, kwargs={"before_commit": hold})
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            async with harness.send:
+                await harness.send.send([snapshot(1)])
+                await anyio.wait_all_tasks_blocked()  # the first write is held
+                await harness.send.send([snapshot(2)])
+                await anyio.wait_all_tasks_blocked()  # item 2 received, the writer waits
+                await harness.send.send([snapshot(3)])
+                await harness.send.send([snapshot(4)])
+                await anyio.wait_all_tasks_blocked()
+                release.set()
+                await harness.wait_for(lambda s: s.get("rows_total", 0) == 4)
+
+    sizes = [
+        r["row_count"] for r in await fetch(dsn, "SELECT row_count FROM ingest_batches ORDER BY committed_at")
+    ]
+    assert sizes == [1, 3]
