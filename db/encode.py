@@ -22,7 +22,7 @@ import math
 import struct
 import sys
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from itertools import repeat, starmap
@@ -501,18 +501,20 @@ class Prepared:
 
 
 class PendingLatest:
-    """The newest row of every position of the committed batches whose ``greeks_latest`` upsert
-    was deferred (:attr:`Prepared.defer_latest`), and those batches' ids: what the next
-    :data:`db.copy.FLUSH_LATEST` applies. Pure: the writer says when (``now``).
+    """The committed batches whose ``greeks_latest`` upsert was deferred
+    (:attr:`Prepared.defer_latest`): their ids and the newest row of each of their positions,
+    what the next :data:`db.copy.FLUSH_LATEST` applies. Pure: the writer says when (``now``).
 
-    A row replaces a position's pending row when it is at least as new (``(event_ts,
-    received_ts)``, the later batch on a tie), as the upsert itself decides.
+    Across batches a row replaces a position's row when it is at least as new (``(event_ts,
+    received_ts)``, the later batch on a tie), as the upsert itself decides. Per batch only
+    references are kept (the batch's columns and its newest indexes); the merge runs once per
+    flush, in C (a stable sort and a dict), not per row in Python.
     """
 
-    __slots__ = ("batch_ids", "rows", "since")
+    __slots__ = ("batch_ids", "parts", "since")
 
     def __init__(self) -> None:
-        self.rows: dict[int, tuple[Any, ...]] = {}
+        self.parts: list[tuple[Columns, Sequence[int], list[int]]] = []  # (cols, pids, newest)
         self.batch_ids: list[Any] = []
         self.since: float | None = None  # when the oldest pending batch was committed
 
@@ -520,30 +522,15 @@ class PendingLatest:
         return bool(self.batch_ids)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        """Positions with a pending row."""
+        return len({pids[i] for _, pids, newest in self.parts for i in newest})
 
     def add(self, prepared: Prepared, now: float) -> None:
-        """Take the newest rows of a committed deferred batch."""
+        """Take a committed deferred batch."""
         if not self.batch_ids:
             self.since = now
         self.batch_ids.append(prepared.batch.batch_id)
-        newest = prepared.newest
-        if not newest:
-            return
-        cols, pids = prepared.cols, prepared.pids
-        if len(newest) == 1:
-            (i,) = newest
-            columns: list[Sequence[Any]] = [(pids[i],), *((cols[f][i],) for f in _PENDING_IDX)]
-        else:
-            pick = itemgetter(*newest)
-            columns = [pick(pids), *map(pick, map(cols.__getitem__, _PENDING_IDX))]
-        batch = float(len(self.batch_ids))  # 1-based: FLUSH_LATEST's index into the batch ids
-        pending = self.rows
-        get = pending.get
-        for row in zip(*columns, repeat(batch, len(newest)), strict=True):
-            cur = get(row[0])
-            if cur is None or (row[1], row[2]) >= (cur[1], cur[2]):
-                pending[row[0]] = row
+        self.parts.append((prepared.cols, prepared.pids, prepared.newest))  # type: ignore[arg-type]
 
     def due(self, now: float, interval_s: float) -> bool:
         return self.since is not None and now - self.since >= interval_s
@@ -555,28 +542,51 @@ class PendingLatest:
     def params(self) -> tuple[list[list[Any]], list[int | None], list[Any]]:
         """:data:`db.copy.FLUSH_LATEST`'s parameters: the matrix (its last row: the 1-based index
         of each row's batch), the sequence numbers, the batch ids."""
-        if not self.rows:
+        columns: list[list[Any]] = [[] for _ in range(len(_PENDING_IDX) + 2)]
+        pid_col, batch_col = columns[0], columns[-1]
+        for b, (cols, pids, newest) in enumerate(self.parts, 1):
+            if not newest:
+                continue
+            if len(newest) == 1:
+                (i,) = newest
+                pid_col.append(pids[i])
+                for col, f in zip(columns[1:-1], _PENDING_IDX, strict=True):
+                    col.append(cols[f][i])
+            else:
+                pick = itemgetter(*newest)
+                pid_col.extend(pick(pids))
+                for col, f in zip(columns[1:-1], _PENDING_IDX, strict=True):
+                    col.extend(pick(cols[f]))
+            batch_col.extend(repeat(float(b), len(newest)))
+        if not pid_col:
             return [], [], list(self.batch_ids)
-        cols = list(zip(*self.rows.values(), strict=True))
+        # Candidates in commit order, sorted by time (stable: on a tie the later stays later),
+        # then a dict keeps each position's last, i.e. newest (as newest_indexes does).
+        times = list(zip(columns[1], columns[2], strict=True))  # (event_ts, received_ts)
+        order = sorted(range(len(times)), key=times.__getitem__)
+        chosen = list(dict(zip(map(pid_col.__getitem__, order), order, strict=True)).values())
+        take: Callable[[Sequence[Any]], Sequence[Any]] = (
+            itemgetter(*chosen) if len(chosen) > 1 else (lambda col: (col[chosen[0]],))
+        )
         n = len(_MATRIX_IDX)
         return (
             [
-                list(map(float, cols[0])),
-                *(list(c) for c in cols[1 : n + 1]),
-                list(map(SOURCE_CODES.get, cols[n + 1])),
-                list(cols[n + 3]),
+                list(map(float, take(pid_col))),
+                *(list(take(c)) for c in columns[1 : n + 1]),
+                list(map(SOURCE_CODES.get, take(columns[n + 1]))),
+                list(take(batch_col)),
             ],
-            list(cols[n + 2]),
+            list(take(columns[n + 2])),
             list(self.batch_ids),
         )
 
     def clear(self) -> None:
-        self.rows.clear()
+        self.parts.clear()
         self.batch_ids.clear()
         self.since = None
 
 
-# (position id,) then these fields of a pending row, then the batch index.
+# The fields a pending row carries, between its position id and its batch index.
 _PENDING_IDX = (*_MATRIX_IDX, SOURCE, SEQ)
 
 
