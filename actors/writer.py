@@ -545,8 +545,13 @@ class _Writer:
         committed_at = self.clock()
         n = len(batch.rows)
         if fresh:
-            if prepared is not None and prepared.defer_latest and not replayed:
-                self.latest.add(prepared, committed_at)
+            if (
+                prepared is not None
+                and prepared.defer_latest
+                and prepared.valid_for(self.dims)
+                and not replayed
+            ):
+                self.latest.add(prepared, committed_at)  # (a stale one was encoded again, not deferred)
             self.rows_total += n
             self.batches_total += 1
             if replayed:
