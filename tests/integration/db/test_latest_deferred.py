@@ -3,9 +3,10 @@ marked), applied later in one statement, or rebuilt from history when an engine 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -80,14 +81,23 @@ async def _write_deferred(
     return pending, ids
 
 
+@contextlib.asynccontextmanager
+async def _database(dsn: str, rows: Sequence[GreeksSnapshot]) -> AsyncIterator[Any]:
+    """A writer connection to the migrated database, with the partitions of ``rows``."""
+    await migrate(dsn)
+    conn = await connect(dsn)
+    try:
+        await ensure_partitions(conn, days_of(rows))
+        yield conn
+    finally:
+        await conn.close()
+
+
 @pytest.mark.parametrize("copy_min_rows", [2000, 1], ids=["one-statement", "copy"])
 async def test_flush_applies_what_the_per_batch_upserts_would_have(dsn: str, copy_min_rows: int) -> None:
     # Arrange: the first batch upserts as usual, the other four defer.
     batches = _batches(time.time() - 60)
-    await migrate(dsn)
-    conn = await connect(dsn)
-    try:
-        await ensure_partitions(conn, days_of([r for rows in batches for r in rows]))
+    async with _database(dsn, [r for rows in batches for r in rows]) as conn:
         dims = Dimensions()
         assert await write_batch(
             conn, Batch(uuid.uuid4(), batches[0]), dims=dims, copy_min_rows=copy_min_rows
@@ -104,8 +114,6 @@ async def test_flush_applies_what_the_per_batch_upserts_would_have(dsn: str, cop
         assert await flush_latest(conn, pending) == 7
         latest = {r["instrument"]: r for r in await conn.fetch(LATEST)}
         assert await conn.fetchval(MARKED) == 0
-    finally:
-        await conn.close()
 
     assert {k: (r["seq"], r["delta"]) for k, r in latest.items()} == _expected(batches)
     # each row names the batch it came from: the tie went to the later batch (seq 999, batch 5)
@@ -115,16 +123,11 @@ async def test_flush_applies_what_the_per_batch_upserts_would_have(dsn: str, cop
 
 async def test_repair_rebuilds_the_latest_rows_a_dead_engine_left_pending(dsn: str) -> None:
     batches = _batches(time.time() - 60)
-    await migrate(dsn)
-    conn = await connect(dsn)
-    try:
-        await ensure_partitions(conn, days_of([r for rows in batches for r in rows]))
+    async with _database(dsn, [r for rows in batches for r in rows]) as conn:
         dims = Dimensions()
         assert await write_batch(conn, Batch(uuid.uuid4(), batches[0]), dims=dims)
         await _write_deferred(conn, dims, batches[1:], 2000)  # never flushed: the engine "died"
         assert await conn.fetchval(MARKED) == 4
-    finally:
-        await conn.close()
 
     conn = await connect(dsn)
     try:
@@ -189,13 +192,8 @@ async def test_a_writer_starting_repairs_what_a_dead_one_left(
     dsn: str, db_settings: DatabaseSettings
 ) -> None:
     batches = _batches(time.time() - 60)
-    await migrate(dsn)
-    conn = await connect(dsn)
-    try:
-        await ensure_partitions(conn, days_of([r for rows in batches for r in rows]))
+    async with _database(dsn, [r for rows in batches for r in rows]) as conn:
         await _write_deferred(conn, Dimensions(), batches, 2000)
-    finally:
-        await conn.close()
     assert await count(dsn, "SELECT count(*) FROM greeks_latest") == 0
 
     harness = WriterHarness(db_settings, dsn)
@@ -271,16 +269,11 @@ async def test_a_deferred_batch_stores_the_same_history(dsn: str, copy_min_rows:
         for i in range(30)
     ]
     again = [r._replace(seq=(r.seq or 0) + 1000) for r in rows]
-    await migrate(dsn)
-    conn = await connect(dsn)
-    try:
-        await ensure_partitions(conn, days_of(rows))
+    async with _database(dsn, rows) as conn:
         dims = Dimensions()
         assert await write_batch(conn, Batch(uuid.uuid4(), rows), dims=dims, copy_min_rows=copy_min_rows)
         await _write_deferred(conn, dims, [again], copy_min_rows)
         stored = [dict(r) for r in await conn.fetch("SELECT * FROM greeks_history ORDER BY seq")]
-    finally:
-        await conn.close()
     assert len(stored) == 60
     for plain, deferred in zip(stored[:30], stored[30:], strict=True):
         assert deferred["seq"] == plain["seq"] + 1000
