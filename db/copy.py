@@ -148,9 +148,10 @@ WHERE (EXCLUDED.event_ts, EXCLUDED.received_ts) >= (l.event_ts, l.received_ts)
 
 # After an engine died with deferred latest rows (ledger rows still marked): the newest history
 # row of every position received since $1 (the oldest marked batch's first receive time), where
-# newer than its latest row, then the marks cleared. History keeps the Greeks as real: their text form (the
-# digits the broker sent) comes back as double precision. The batch id is that of the marked
-# batch whose receive-time range holds the row (the nil UUID should none: another engine's row).
+# newer than its latest row, then the marks cleared. History keeps the Greeks as real: their
+# text form (the digits the broker sent) comes back as double precision. The batch id is that of
+# the marked batch whose receive-time range holds the row (the nil UUID should none: another
+# engine's row).
 REPAIR_LATEST = f"""
 WITH pending AS MATERIALIZED (
     SELECT batch_id, min_received_ts, max_received_ts FROM ingest_batches WHERE latest_pending

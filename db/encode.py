@@ -22,7 +22,7 @@ import math
 import struct
 import sys
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from itertools import repeat, starmap
@@ -542,52 +542,32 @@ class PendingLatest:
     def params(self) -> tuple[list[list[Any]], list[int | None], list[Any]]:
         """:data:`db.copy.FLUSH_LATEST`'s parameters: the matrix (its last row: the 1-based index
         of each row's batch), the sequence numbers, the batch ids."""
-        columns: list[list[Any]] = [[] for _ in range(len(_PENDING_IDX) + 2)]
-        pid_col, batch_col = columns[0], columns[-1]
-        for b, (cols, pids, newest) in enumerate(self.parts, 1):
+        # Every batch's newest rows in commit order (only the fields the statement reads), then
+        # the newest of those per position, as within one batch (newest_indexes: a tie to the
+        # later, i.e. the later batch).
+        cols: list[list[Any]] = [[] for _ in SNAPSHOT_FIELDS]
+        pids: list[int] = []
+        batches: list[float] = []
+        for b, (part_cols, part_pids, newest) in enumerate(self.parts, 1):
             if not newest:
                 continue
-            if len(newest) == 1:
-                (i,) = newest
-                pid_col.append(pids[i])
-                for col, f in zip(columns[1:-1], _PENDING_IDX, strict=True):
-                    col.append(cols[f][i])
-            else:
-                pick = itemgetter(*newest)
-                pid_col.extend(pick(pids))
-                for col, f in zip(columns[1:-1], _PENDING_IDX, strict=True):
-                    col.extend(pick(cols[f]))
-            batch_col.extend(repeat(float(b), len(newest)))
-        if not pid_col:
+            for f, col in enumerate(select(part_cols, newest)):
+                if f in _STATEMENT_IDX:
+                    cols[f].extend(col)
+            pids.extend([part_pids[i] for i in newest])
+            batches.extend(repeat(float(b), len(newest)))
+        if not pids:
             return [], [], list(self.batch_ids)
-        # Candidates in commit order, sorted by time (stable: on a tie the later stays later),
-        # then a dict keeps each position's last, i.e. newest (as newest_indexes does).
-        times = list(zip(columns[1], columns[2], strict=True))  # (event_ts, received_ts)
-        order = sorted(range(len(times)), key=times.__getitem__)
-        chosen = list(dict(zip(map(pid_col.__getitem__, order), order, strict=True)).values())
-        take: Callable[[Sequence[Any]], Sequence[Any]] = (
-            itemgetter(*chosen) if len(chosen) > 1 else (lambda col: (col[chosen[0]],))
-        )
-        n = len(_MATRIX_IDX)
-        return (
-            [
-                list(map(float, take(pid_col))),
-                *(list(take(c)) for c in columns[1 : n + 1]),
-                list(map(SOURCE_CODES.get, take(columns[n + 1]))),
-                list(take(batch_col)),
-            ],
-            list(take(columns[n + 2])),
-            list(self.batch_ids),
-        )
+        chosen = newest_indexes(cols, pids)
+        rows = select(cols, chosen)
+        m = matrix(rows, [pids[i] for i in chosen], None)
+        m[-1] = [batches[i] for i in chosen]
+        return m, seqs(rows), list(self.batch_ids)
 
     def clear(self) -> None:
         self.parts.clear()
         self.batch_ids.clear()
         self.since = None
-
-
-# The fields a pending row carries, between its position id and its batch index.
-_PENDING_IDX = (*_MATRIX_IDX, SOURCE, SEQ)
 
 
 # -- positions snapshots ------------------------------------------------------------------------

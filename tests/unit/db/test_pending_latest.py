@@ -9,7 +9,13 @@ import pytest
 from db.batch import Batch
 from db.encode import MATRIX_ROWS, Dimensions, PendingLatest, Prepared, row_position_key
 from normalize.model import GreeksSnapshot
-from tests.integration.db.helpers import snapshot
+
+from .rows import row
+
+
+def snapshot(seq: int, *, ts: float, n_instruments: int) -> GreeksSnapshot:
+    """Instrument ``seq % n_instruments`` (strike 500 + that), event time ``ts``."""
+    return row(0, ts=ts, instrument=f"SPY   250117C{500 + seq % n_instruments:05d}000")._replace(seq=seq)
 
 
 def _prepared(rows: list[GreeksSnapshot], dims: Dimensions) -> Prepared:
