@@ -268,7 +268,12 @@ def run_command(args: argparse.Namespace) -> int:
     from supervisor.errors import FatalError
 
     try:
-        return anyio.run(run_engine, settings, backend="asyncio")
+        return anyio.run(
+            run_engine,
+            settings,
+            backend="asyncio",
+            backend_options={"use_uvloop": settings.event_loop == "uvloop"},
+        )
     except FatalError as exc:
         get_logger(actor="engine").critical("engine_failed", error=str(exc))
         print(redact_text(str(exc)), file=sys.stderr)

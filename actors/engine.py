@@ -10,6 +10,8 @@ wire-protocol actor runs against it: the settings the actor sees point at the si
 
 from __future__ import annotations
 
+import asyncio
+import platform
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -93,6 +95,16 @@ async def broker_simulators(settings: Settings, modes: dict[str, str]) -> AsyncI
         yield with_simulators(settings, sims)
 
 
+def running_event_loop() -> str:
+    """The event loop running this task: ``uvloop``, ``asyncio`` (the standard library's), or
+    ``other`` (not an asyncio loop: trio)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return "other"
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 async def run_engine(settings: Settings) -> int:
     """Start the database, build the tree, run it until SIGINT/SIGTERM. Returns the exit code."""
     from db.embedded import EmbeddedError, keep_alive, open_database
@@ -101,6 +113,7 @@ async def run_engine(settings: Settings) -> int:
     brokers = {b: settings.broker_mode(b) for b in settings.brokers}
     registry = StatusRegistry(mode=settings.mode, clock=time.time, redact=redact_text)
     registry.publish("brokers", dict(brokers))
+    registry.publish("runtime", {"event_loop": running_event_loop(), "python": platform.python_version()})
     backoff, intensity = _policy(settings)
     supervisor: Supervisor | None = None
     stop_before_start = anyio.Event()
@@ -127,7 +140,11 @@ async def run_engine(settings: Settings) -> int:
     async with anyio.create_task_group() as tg:
         await tg.start(watch_signals)
         log.info(
-            "engine_starting", mode=settings.mode, brokers=brokers, status_file=str(settings.status_file)
+            "engine_starting",
+            mode=settings.mode,
+            brokers=brokers,
+            event_loop=running_event_loop(),
+            status_file=str(settings.status_file),
         )
         if simulated := [b for b, m in brokers.items() if m == "simulated"]:
             log.warning(

@@ -104,6 +104,7 @@ class Run:
     wire_ms: dict[str, float] | None = None
     db_commit_latency_ms: dict[str, float] | None = None
     own_latency_ms: dict[str, float] | None = None  # the contestant's own figure, whole run
+    event_loop: str | None = None  # the contestant's asyncio loop: "uvloop" or "asyncio"
     profile: dict[str, object] | None = None
     error: str | None = None
 
@@ -449,6 +450,7 @@ class Bench:
                 latency = doc.get("latency_ms", {})
                 result.latency_ms = {k: latency.get(k, 0.0) for k in ("p50", "p95", "p99", "max")}
                 result.latency_source = "peer: commit returned - feed send time (ms)"
+                result.event_loop = doc.get("event_loop")
                 if doc.get("error"):
                     result.error = doc["error"]
             result.ticks_committed = _count(dsn, result.name)
@@ -547,6 +549,7 @@ def _engine_numbers(result: Run, doc: dict[str, Any]) -> None:
     result.latency_ms = {k: latency.get(k, 0.0) for k in ("p50", "p95", "p99", "max")}
     normalizer = doc.get("actors", {}).get("normalizer", {})
     result.conflated = int(normalizer.get("conflated_total", 0) or 0)
+    result.event_loop = doc.get("runtime", {}).get("event_loop")
     errors = [f"{n}: {a.get('last_error')}" for n, a in doc.get("actors", {}).items() if a.get("restarts")]
     if errors:
         result.error = "; ".join(errors)

@@ -32,6 +32,7 @@ from config.settings import (
 T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 KNOWN_BROKERS = ("ibkr", "tastytrade")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -43,6 +44,10 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 VARIABLES: dict[str, tuple[str, str]] = {
     "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     "LOG_FORMAT": ("json", "`json` (one object per line on stdout) or `console` for humans"),
+    "EVENT_LOOP": (
+        "auto",
+        "`auto` (uvloop where it is installed, else asyncio's own), `uvloop` or `asyncio`",
+    ),
     "VAR_DIR": ("var", "directory for local state (status file, embedded database, spool)"),
     "STATUS_FILE": ("$VAR_DIR/status.json", "path of the status file"),
     "STATUS_INTERVAL_S": ("1", "seconds between status file rewrites (also on every change), at most 5"),
@@ -303,6 +308,25 @@ def _identifier(text: str) -> str:
     return text
 
 
+def uvloop_available() -> bool:
+    """Whether ``uvloop`` can be imported (a dependency except on Windows, which it does not
+    support)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _event_loop(choice: str) -> str:
+    """``EVENT_LOOP`` resolved: ``uvloop`` or ``asyncio``."""
+    if choice == "auto":
+        return "uvloop" if uvloop_available() else "asyncio"
+    if choice == "uvloop" and not uvloop_available():
+        raise ConfigError("EVENT_LOOP", "auto or asyncio (uvloop is not installed)", choice)
+    return choice
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Parse and validate every setting. Raises :class:`ConfigError` on the first bad value."""
     r = _Reader(env)
@@ -402,6 +426,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     return Settings(
         log_level=r.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
         log_format=LogFormat(r.choice("LOG_FORMAT", "json", tuple(f.value for f in LogFormat))),
+        event_loop=_event_loop(r.choice("EVENT_LOOP", "auto", EVENT_LOOPS)),
         var_dir=var_dir,
         status_file=r.path("STATUS_FILE", var_dir / "status.json"),
         # at most 5 s: `run.py status` calls a file older than 10 s stale

@@ -510,8 +510,9 @@ class TastytradeSim:
         await site.start()
         self._runners.append(runner)
         server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        return int(server.sockets[0].getsockname()[1])
+        assert server is not None
+        sockets = server.sockets  # type: ignore[attr-defined]  # asyncio's and uvloop's Server
+        return int(sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         """Close every connection and both servers."""

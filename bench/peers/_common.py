@@ -92,6 +92,7 @@ class Stats:
                 "max": round(self.max_us / 1000.0, 3),
             },
             "error": self.error,
+            "event_loop": "asyncio",  # asyncio.run: the standard library's loop, as its users run it
             "pid": os.getpid(),
             "written_at": time.time(),
         }

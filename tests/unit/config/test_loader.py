@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,7 @@ BAD_VALUES = [
     ("SIM_SEED", "abc", "SIM_SEED (got 'abc'): expected an integer >= 0"),
     ("SIM_RATE_HZ", "5000", "SIM_RATE_HZ (got '5000'): expected a number > 0 and <= 1000"),
     ("SIM_POSITIONS", "-3", "SIM_POSITIONS (got '-3'): expected an integer >= 0"),
+    ("EVENT_LOOP", "trio", "EVENT_LOOP (got 'trio'): expected one of auto, uvloop, asyncio"),
 ]
 
 
@@ -223,6 +225,19 @@ def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+def test_event_loop_is_uvloop_where_installed_unless_asked_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings({}).event_loop == "uvloop"  # a dependency on this platform
+    assert load_settings({"EVENT_LOOP": "UVloop"}).event_loop == "uvloop"
+    assert load_settings({"EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as on a platform without it
+    assert load_settings({}).event_loop == "asyncio"
+    with pytest.raises(ConfigError) as info:
+        load_settings({"EVENT_LOOP": "uvloop"})
+    assert str(info.value) == (
+        "config error: EVENT_LOOP (got 'uvloop'): expected auto or asyncio (uvloop is not installed)"
+    )
 
 
 def test_readme_documents_every_variable() -> None:
