@@ -32,7 +32,7 @@ from config.settings import (
 T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+EVENT_LOOPS = ("asyncio", "uvloop")
 KNOWN_BROKERS = ("ibkr", "tastytrade")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -45,8 +45,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     "LOG_FORMAT": ("json", "`json` (one object per line on stdout) or `console` for humans"),
     "EVENT_LOOP": (
-        "auto",
-        "`auto` (uvloop where it is installed, else asyncio's own), `uvloop` or `asyncio`",
+        "asyncio",
+        "`asyncio` (the standard library's loop) or `uvloop` (the `uvloop` extra: less CPU, see Benchmarks)",
     ),
     "VAR_DIR": ("var", "directory for local state (status file, embedded database, spool)"),
     "STATUS_FILE": ("$VAR_DIR/status.json", "path of the status file"),
@@ -309,8 +309,7 @@ def _identifier(text: str) -> str:
 
 
 def uvloop_available() -> bool:
-    """Whether ``uvloop`` can be imported (a dependency except on Windows, which it does not
-    support)."""
+    """Whether ``uvloop`` can be imported (the ``uvloop`` extra; not on Windows)."""
     try:
         import uvloop  # noqa: F401
     except ImportError:
@@ -319,11 +318,9 @@ def uvloop_available() -> bool:
 
 
 def _event_loop(choice: str) -> str:
-    """``EVENT_LOOP`` resolved: ``uvloop`` or ``asyncio``."""
-    if choice == "auto":
-        return "uvloop" if uvloop_available() else "asyncio"
+    """``EVENT_LOOP``, checked: ``uvloop`` only where it is installed."""
     if choice == "uvloop" and not uvloop_available():
-        raise ConfigError("EVENT_LOOP", "auto or asyncio (uvloop is not installed)", choice)
+        raise ConfigError("EVENT_LOOP", "asyncio, or uvloop once installed (pip install '.[uvloop]')", choice)
     return choice
 
 
@@ -426,7 +423,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     return Settings(
         log_level=r.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
         log_format=LogFormat(r.choice("LOG_FORMAT", "json", tuple(f.value for f in LogFormat))),
-        event_loop=_event_loop(r.choice("EVENT_LOOP", "auto", EVENT_LOOPS)),
+        event_loop=_event_loop(r.choice("EVENT_LOOP", "asyncio", EVENT_LOOPS)),
         var_dir=var_dir,
         status_file=r.path("STATUS_FILE", var_dir / "status.json"),
         # at most 5 s: `run.py status` calls a file older than 10 s stale

@@ -155,7 +155,7 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
         assert doc["channels"]["raw"]["capacity"] == 256
         assert doc["channels"]["rows"]["capacity"] == 256
         assert doc["brokers"] == {"ibkr": "simulated", "tastytrade": "simulated"}
-        assert doc["runtime"]["event_loop"] == "uvloop"  # EVENT_LOOP=auto, uvloop installed
+        assert doc["runtime"]["event_loop"] == "asyncio"  # the default
         assert doc["writer"]["db"] == "connected"
         if "DATABASE_URL" not in env:
             assert doc["database"]["embedded"] is True

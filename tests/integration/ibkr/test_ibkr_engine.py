@@ -117,7 +117,7 @@ def test_live_mode_against_the_gateway_simulator_stores_every_option_position(tm
             tmp_path,
             IBKR_GATEWAY_URL=rest_url.removesuffix("/v1/api"),
             BROKERS="ibkr",
-            EVENT_LOOP="asyncio",  # the standard library's loop (uvloop's fallback) end to end
+            EVENT_LOOP="uvloop",  # the optional loop (the dev extra installs it), end to end
         )
         if url := os.environ.get("TEST_DATABASE_URL"):
             name = f"ibkr_live_{os.getpid()}_{time.monotonic_ns()}"
@@ -135,7 +135,7 @@ def test_live_mode_against_the_gateway_simulator_stores_every_option_position(tm
             doc = wait_for(streamed, 90, proc)
             assert doc["mode"] == "live"
             assert doc["brokers"] == {"ibkr": "live"}
-            assert doc["runtime"]["event_loop"] == "asyncio"
+            assert doc["runtime"]["event_loop"] == "uvloop"
             ibkr = doc["actors"]["ibkr"]
             assert ibkr["accounts"] == ["U1234567"]
             assert ibkr["subscriptions"] >= len({key for _, key in options})

@@ -112,7 +112,7 @@ BAD_VALUES = [
     ("SIM_SEED", "abc", "SIM_SEED (got 'abc'): expected an integer >= 0"),
     ("SIM_RATE_HZ", "5000", "SIM_RATE_HZ (got '5000'): expected a number > 0 and <= 1000"),
     ("SIM_POSITIONS", "-3", "SIM_POSITIONS (got '-3'): expected an integer >= 0"),
-    ("EVENT_LOOP", "trio", "EVENT_LOOP (got 'trio'): expected one of auto, uvloop, asyncio"),
+    ("EVENT_LOOP", "trio", "EVENT_LOOP (got 'trio'): expected one of asyncio, uvloop"),
 ]
 
 
@@ -227,16 +227,18 @@ def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-def test_event_loop_is_uvloop_where_installed_unless_asked_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert load_settings({}).event_loop == "uvloop"  # a dependency on this platform
-    assert load_settings({"EVENT_LOOP": "UVloop"}).event_loop == "uvloop"
-    assert load_settings({"EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
-    monkeypatch.setitem(sys.modules, "uvloop", None)  # as on a platform without it
+def test_event_loop_is_asyncio_unless_uvloop_is_asked_for_and_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     assert load_settings({}).event_loop == "asyncio"
+    assert load_settings({"EVENT_LOOP": "UVloop"}).event_loop == "uvloop"  # installed with the dev extra
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as without the uvloop extra
+    assert load_settings({"EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
     with pytest.raises(ConfigError) as info:
         load_settings({"EVENT_LOOP": "uvloop"})
     assert str(info.value) == (
-        "config error: EVENT_LOOP (got 'uvloop'): expected auto or asyncio (uvloop is not installed)"
+        "config error: EVENT_LOOP (got 'uvloop'): expected asyncio, or uvloop once installed"
+        " (pip install '.[uvloop]')"
     )
 
 
