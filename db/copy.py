@@ -30,7 +30,7 @@ import asyncpg
 
 from db import encode
 from db.batch import Batch, posix_to_us
-from db.encode import HISTORY_COLUMNS, MATRIX_ROWS, BatchDataError, Dimensions
+from db.encode import HISTORY_COLUMNS, MATRIX_ROWS, BatchDataError, Dimensions, nested, nested_row
 from normalize.events import PositionsSnapshot
 
 # Below this many rows a batch goes in one statement; from it on, its history goes by COPY
@@ -80,7 +80,7 @@ WITH batch AS (
            {_ROW_VALUES},
            u.newest
     FROM unnest({_matrix("$8")}, $9::int8[]) AS u({", ".join(MATRIX_ROWS)}, seq)
-    WHERE EXISTS (SELECT 1 FROM batch)
+    WHERE u.position_id IS NOT NULL AND EXISTS (SELECT 1 FROM batch)
 ), latest AS (
     INSERT INTO greeks_latest AS l ({_LATEST_COLUMNS})
     SELECT position_id, $1, event_ts, received_ts, {_VALUES}, seq, greeks_source, now()
@@ -119,7 +119,7 @@ WITH batch AS (
            u.vega, u.rho, (CASE u.greeks_source WHEN 1 THEN 'b' WHEN 2 THEN 'm' END)::"char"
     FROM unnest({_matrix("$8", len(MATRIX_ROWS) - 1)}, $9::int8[])
         AS u({", ".join(MATRIX_ROWS[:-1])}, seq)
-    WHERE EXISTS (SELECT 1 FROM batch)
+    WHERE u.position_id IS NOT NULL AND EXISTS (SELECT 1 FROM batch)
 )
 SELECT EXISTS (SELECT 1 FROM batch)
 """
@@ -142,6 +142,7 @@ INSERT INTO greeks_latest AS l ({_LATEST_COLUMNS})
 SELECT u.position_id::int4, ($3::uuid[])[u.newest::int4],
        {_ROW_VALUES}, now()
 FROM unnest({_matrix("$1")}, $2::int8[]) AS u({", ".join(MATRIX_ROWS)}, seq)
+WHERE u.position_id IS NOT NULL
 ON CONFLICT (position_id) DO UPDATE SET {_LATEST_UPDATE}, updated_at = now()
 WHERE (EXCLUDED.event_ts, EXCLUDED.received_ts) >= (l.event_ts, l.received_ts)
 """
@@ -491,17 +492,17 @@ def _ledger(p: encode.Prepared, replayed: bool) -> tuple[Any, ...]:
 def _rows_statement(p: encode.Prepared, replayed: bool) -> tuple[Any, ...]:
     """The one-statement write of ``p`` and its arguments."""
     assert p.rows_args is not None
+    matrix, seq = p.rows_args
     if p.defer_latest:
-        matrix, seq = p.rows_args
-        return (WRITE_ROWS_DEFERRED, *_ledger(p, replayed), matrix[:-1], seq)
-    return (WRITE_ROWS, *_ledger(p, replayed), *p.rows_args, False)
+        return (WRITE_ROWS_DEFERRED, *_ledger(p, replayed), nested(matrix[:-1]), nested_row(seq))
+    return (WRITE_ROWS, *_ledger(p, replayed), nested(matrix), nested_row(seq), False)
 
 
 async def flush_latest(conn: asyncpg.Connection, pending: encode.PendingLatest) -> int:
     """Apply the deferred latest rows and clear their batches' marks (one statement, committed
     on return); how many positions it carried. The caller clears ``pending`` once it returns."""
     matrix, seq, batch_ids = pending.params()
-    await conn.execute(FLUSH_LATEST, matrix, seq, batch_ids)
+    await conn.execute(FLUSH_LATEST, nested(matrix), nested_row(seq), batch_ids)
     return len(pending)
 
 
@@ -530,8 +531,9 @@ async def _write_rows(conn: asyncpg.Connection, p: encode.Prepared, replayed: bo
         assert p.rows_args is not None
         return bool(await conn.fetchval(*_rows_statement(p, replayed)))
     assert p.latest_args is not None
+    matrix, seq = p.latest_args
     if not await conn.fetchval(
-        WRITE_LEDGER_AND_LATEST, *_ledger(p, replayed), *p.latest_args, p.defer_latest
+        WRITE_LEDGER_AND_LATEST, *_ledger(p, replayed), nested(matrix), nested_row(seq), p.defer_latest
     ):
         return False
     refused: list[BatchDataError] = []

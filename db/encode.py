@@ -7,11 +7,13 @@ Rules: pure. No I/O, no clock, no asyncpg: values in, values out (the SQL is in 
 Per-batch, not per-row, work: every per-row step is a C-level ``map``/``zip`` over the rows (a
 ``GreeksSnapshot`` is a tuple, so ``itemgetter`` reads its fields), never a Python loop.
 
-The one-statement write takes the rows' float values as one two-dimensional ``float8[][]``
-parameter (one inner list per column): asyncpg checks every element of a one-dimensional array
-argument against three ``collections.abc`` classes (~140 ns each element), but only the first
-inner list of a two-dimensional one, which makes the matrix about four times cheaper to encode
-(measured: 48 against 190 ns per element). Times travel as POSIX seconds in that matrix and are
+The one-statement write takes the rows' float values as one ``float8[]`` parameter of one row per
+column: asyncpg checks every element of a one-dimensional array argument against three
+``collections.abc`` classes (~140 ns each element), but of a multi-dimensional one only the
+elements of its first innermost list, which makes the matrix about four times cheaper to encode
+(measured: 48 against 190 ns per element); from :data:`NEST_FROM` rows each column is cut
+further into lists of about ``sqrt(n)`` values (:func:`nested`), which leaves about ``2 sqrt(n)``
+checks of ``n`` (the sequence numbers too). Times travel as POSIX seconds in that matrix and are
 converted by the statement exactly as ``datetime.fromtimestamp`` rounds (see ``db.copy``); the
 position id and the Greeks source travel as floats too (small integers, exact).
 """
@@ -215,6 +217,39 @@ def matrix(cols: Columns, position_ids: Sequence[int], newest: Iterable[int] | N
 
 def seqs(cols: Columns) -> list[int | None]:
     return list(cols[SEQ])
+
+
+NEST_FROM = 64  # rows per array parameter from which it goes three-dimensional (nested)
+
+
+def nested(rows: Sequence[Sequence[Any]]) -> Sequence[Any]:
+    """An array parameter of equal-length rows (the matrix, or ``[seqs]``) as asyncpg encodes it
+    cheapest: from :data:`NEST_FROM` values a row, each row cut into lists of ``ceil(sqrt(n))``
+    values, the last one padded with NULLs.
+
+    asyncpg checks each value of the first innermost list of an array argument against three
+    ``collections.abc`` classes (~0.3 us a value), the other lists only for their length: a flat
+    row of ``n`` values costs ``n`` checks, a nested one about ``2 sqrt(n)`` (measured with a
+    1,000-row batch: 1.79 against 1.15 ms of client CPU for the matrix and the sequence numbers).
+    The statements unnest the arrays flat (``unnest`` takes every element, whatever the
+    dimensions) and skip the padding (a NULL ``position_id``).
+    """
+    if not rows or len(rows[0]) < NEST_FROM:
+        return rows
+    n = len(rows[0])
+    width = math.isqrt(n - 1) + 1
+    pad = [None] * (-n % width)
+    out = []
+    for row in rows:
+        flat = [*row, *pad]
+        out.append([flat[i : i + width] for i in range(0, len(flat), width)])
+    return out
+
+
+def nested_row(values: Sequence[Any]) -> Sequence[Any]:
+    """A one-dimensional array parameter (the sequence numbers) nested as :func:`nested` nests a
+    matrix row (unchanged below :data:`NEST_FROM` values)."""
+    return values if len(values) < NEST_FROM else nested([values])
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,13 @@ PATHS = pytest.mark.parametrize("copy_min_rows", [COPY_MIN_ROWS, 1], ids=["one-s
 
 
 @PATHS
-async def test_batch_written_once_with_latest_and_exact_times(dsn: str, copy_min_rows: int) -> None:
+@pytest.mark.parametrize("n_rows", [30, 70], ids=["flat", "nested"])  # nested: >= NEST_FROM rows
+async def test_batch_written_once_with_latest_and_exact_times(
+    dsn: str, copy_min_rows: int, n_rows: int
+) -> None:
     await migrate(dsn)
     # Instrument i % 5; within a position the newest event wins, a tie goes to the later row.
-    rows = [snapshot(i, ts=TS + (i % 3) * 0.25, n_instruments=5) for i in range(30)]
+    rows = [snapshot(i, ts=TS + (i % 3) * 0.25, n_instruments=5) for i in range(n_rows)]
     batch = Batch(uuid.uuid4(), rows)
     conn = await connect(dsn)
     try:
@@ -36,9 +39,9 @@ async def test_batch_written_once_with_latest_and_exact_times(dsn: str, copy_min
         assert (
             await write_batch(conn, batch, copy_min_rows=copy_min_rows) is False
         )  # same id: nothing written
-        assert await conn.fetchval("SELECT count(*) FROM greeks_history") == 30
+        assert await conn.fetchval("SELECT count(*) FROM greeks_history") == n_rows
         facts = await conn.fetchrow("SELECT * FROM ingest_batches")
-        assert facts["row_count"] == 30
+        assert facts["row_count"] == n_rows
         assert facts["min_event_ts"] == datetime.fromtimestamp(TS, UTC)
         assert facts["max_event_ts"] == datetime.fromtimestamp(TS + 0.5, UTC)
         stored = await conn.fetch("SELECT seq, event_ts, received_ts FROM greeks_history ORDER BY seq")

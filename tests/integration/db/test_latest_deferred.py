@@ -121,6 +121,21 @@ async def test_flush_applies_what_the_per_batch_upserts_would_have(dsn: str, cop
     assert (latest[tied]["seq"], latest[tied]["batch_id"]) == (999, ids[3])
 
 
+async def test_a_flush_of_many_positions_applies_each_once(dsn: str) -> None:
+    # 70 positions pending (nested parameters, padded): every one applied, the padding nowhere.
+    base = time.time() - 60
+    first = [snapshot(i, ts=base, n_instruments=70) for i in range(70)]
+    second = [snapshot(i + 70, ts=base + 1, n_instruments=70) for i in range(70)]
+    async with _database(dsn, first + second) as conn:
+        dims = Dimensions()
+        assert await write_batch(conn, Batch(uuid.uuid4(), first), dims=dims)
+        pending, _ = await _write_deferred(conn, dims, [second], 2000)
+        assert await flush_latest(conn, pending) == 70
+        latest = {r["instrument"]: r["seq"] for r in await conn.fetch(LATEST)}
+        assert await conn.fetchval("SELECT count(*) FROM greeks_latest") == 70
+    assert latest == {r.instrument: r.seq for r in second}
+
+
 async def test_repair_rebuilds_the_latest_rows_a_dead_engine_left_pending(dsn: str) -> None:
     batches = _batches(time.time() - 60)
     async with _database(dsn, [r for rows in batches for r in rows]) as conn:
@@ -256,7 +271,8 @@ async def test_latest_rows_pending_across_an_outage_are_repaired_at_reconnect(
 
 
 @pytest.mark.parametrize("copy_min_rows", [2000, 1], ids=["one-statement", "copy"])
-async def test_a_deferred_batch_stores_the_same_history(dsn: str, copy_min_rows: int) -> None:
+@pytest.mark.parametrize("n_rows", [30, 70], ids=["flat", "nested"])  # nested: >= NEST_FROM rows
+async def test_a_deferred_batch_stores_the_same_history(dsn: str, copy_min_rows: int, n_rows: int) -> None:
     # The same rows (seq apart) written with the upsert and deferred: every history value equal,
     # times rounded as datetime.fromtimestamp rounds them (a half microsecond), NULLs and sources.
     ts = 1_710_000_000.0000005
@@ -266,7 +282,7 @@ async def test_a_deferred_batch_stores_the_same_history(dsn: str, copy_min_rows:
             rho=None if i % 2 else 0.01,
             greeks_source=(None, "broker", "model")[i % 3],
         )
-        for i in range(30)
+        for i in range(n_rows)
     ]
     again = [r._replace(seq=(r.seq or 0) + 1000) for r in rows]
     async with _database(dsn, rows) as conn:
@@ -274,8 +290,8 @@ async def test_a_deferred_batch_stores_the_same_history(dsn: str, copy_min_rows:
         assert await write_batch(conn, Batch(uuid.uuid4(), rows), dims=dims, copy_min_rows=copy_min_rows)
         await _write_deferred(conn, dims, [again], copy_min_rows)
         stored = [dict(r) for r in await conn.fetch("SELECT * FROM greeks_history ORDER BY seq")]
-    assert len(stored) == 60
-    for plain, deferred in zip(stored[:30], stored[30:], strict=True):
+    assert len(stored) == 2 * n_rows
+    for plain, deferred in zip(stored[:n_rows], stored[n_rows:], strict=True):
         assert deferred["seq"] == plain["seq"] + 1000
         assert {**deferred, "seq": plain["seq"]} == plain
     assert stored[0]["event_ts"] == datetime.fromtimestamp(ts, UTC)

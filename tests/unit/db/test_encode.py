@@ -19,6 +19,7 @@ from db.encode import (
     FLOAT4_MAX,
     HISTORY_COLUMNS,
     MATRIX_ROWS,
+    NEST_FROM,
     BatchDataError,
     Dimensions,
     Prepared,
@@ -30,6 +31,8 @@ from db.encode import (
     instrument_ids,
     instrument_params,
     matrix,
+    nested,
+    nested_row,
     newest_indexes,
     pg_timestamp_us,
     position_ids,
@@ -360,3 +363,22 @@ def test_nan_times_are_not_finite() -> None:
     assert snapshot_ok(PositionsSnapshot("ibkr", ("U1",), (position("A", 1),), 1.0))
     assert not snapshot_ok(PositionsSnapshot("ibkr", ("U1",), (position("A", math.inf),), 1.0))
     assert not snapshot_ok(PositionsSnapshot("ibkr", ("U1",), (), math.nan))
+
+
+@given(n=st.integers(min_value=0, max_value=3000), rows=st.integers(min_value=1, max_value=4))
+def test_nested_parameters_flatten_back_to_the_rows_and_null_padding(n: int, rows: int) -> None:
+    matrix_rows = [[float(r * 10_000 + i) for i in range(n)] for r in range(rows)]
+    out = nested(matrix_rows)
+    if n < NEST_FROM:
+        assert out is matrix_rows  # small: as it was
+        assert nested_row(matrix_rows[0]) is matrix_rows[0]
+        return
+    width = math.isqrt(n - 1) + 1
+    assert width * width >= n > (width - 1) * (width - 1)
+    for original, row3 in zip(matrix_rows, out, strict=True):
+        assert all(len(inner) == width for inner in row3)  # rectangular, as a PostgreSQL array
+        flat = [v for inner in row3 for v in inner]
+        assert flat[:n] == original  # unnest's order: the rows as they were
+        assert flat[n:] == [None] * (len(flat) - n)  # padding only, NULLs
+        assert len(flat) - n < width
+    assert nested_row(matrix_rows[0]) == [out[0]]
