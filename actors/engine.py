@@ -113,7 +113,8 @@ async def run_engine(settings: Settings) -> int:
     brokers = {b: settings.broker_mode(b) for b in settings.brokers}
     registry = StatusRegistry(mode=settings.mode, clock=time.time, redact=redact_text)
     registry.publish("brokers", dict(brokers))
-    registry.publish("runtime", {"event_loop": running_event_loop(), "python": platform.python_version()})
+    event_loop = running_event_loop()
+    registry.publish("runtime", {"event_loop": event_loop, "python": platform.python_version()})
     backoff, intensity = _policy(settings)
     supervisor: Supervisor | None = None
     stop_before_start = anyio.Event()
@@ -143,7 +144,7 @@ async def run_engine(settings: Settings) -> int:
             "engine_starting",
             mode=settings.mode,
             brokers=brokers,
-            event_loop=running_event_loop(),
+            event_loop=event_loop,
             status_file=str(settings.status_file),
         )
         if simulated := [b for b, m in brokers.items() if m == "simulated"]:

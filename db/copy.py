@@ -49,8 +49,8 @@ def _exact_ts(x: str) -> str:
 
 
 def _matrix(param: str, rows: int = len(MATRIX_ROWS)) -> str:
-    """The ``float8[][]`` parameter ``param`` as one slice per row (the first ``rows`` of
-    :data:`MATRIX_ROWS`)."""
+    """The matrix parameter ``param`` (``float8``, two or, nested, three dimensions:
+    :func:`_arrays`) as one slice per row (the first ``rows`` of :data:`MATRIX_ROWS`)."""
     return ", ".join(f"({param}::float8[])[{i + 1}:{i + 1}]" for i in range(rows))
 
 
@@ -66,8 +66,9 @@ _LATEST_UPDATE = ", ".join(
 )
 
 # $1 batch id, $2..$6 row count and min/max event and receive times, $7 replayed, $8 the
-# float8[][] matrix (db.encode.matrix), $9 seq int8[], $10 latest deferred (the matrix then
-# flags no row: db.encode.Prepared.defer_latest).
+# float8 matrix (db.encode.matrix), $9 the seq int8 array (both nested from NEST_FROM rows, the
+# padding skipped: _arrays), $10 latest deferred (the matrix then flags no row:
+# db.encode.Prepared.defer_latest).
 _LEDGER_AND_ROWS = f"""
 WITH batch AS (
     INSERT INTO ingest_batches (batch_id, row_count, min_event_ts, max_event_ts,
@@ -494,15 +495,21 @@ def _rows_statement(p: encode.Prepared, replayed: bool) -> tuple[Any, ...]:
     assert p.rows_args is not None
     matrix, seq = p.rows_args
     if p.defer_latest:
-        return (WRITE_ROWS_DEFERRED, *_ledger(p, replayed), nested(matrix[:-1]), nested_row(seq))
-    return (WRITE_ROWS, *_ledger(p, replayed), nested(matrix), nested_row(seq), False)
+        return (WRITE_ROWS_DEFERRED, *_ledger(p, replayed), *_arrays(matrix[:-1], seq))
+    return (WRITE_ROWS, *_ledger(p, replayed), *_arrays(matrix, seq), False)
+
+
+def _arrays(matrix: list[list[Any]], seq: list[int | None]) -> tuple[Any, Any]:
+    """The matrix and sequence-number parameters as sent (nested from ``NEST_FROM`` rows: the
+    statements skip rows whose ``position_id`` is NULL, the padding)."""
+    return nested(matrix), nested_row(seq)
 
 
 async def flush_latest(conn: asyncpg.Connection, pending: encode.PendingLatest) -> int:
     """Apply the deferred latest rows and clear their batches' marks (one statement, committed
     on return); how many positions it carried. The caller clears ``pending`` once it returns."""
     matrix, seq, batch_ids = pending.params()
-    await conn.execute(FLUSH_LATEST, nested(matrix), nested_row(seq), batch_ids)
+    await conn.execute(FLUSH_LATEST, *_arrays(matrix, seq), batch_ids)
     return len(pending)
 
 
@@ -531,9 +538,8 @@ async def _write_rows(conn: asyncpg.Connection, p: encode.Prepared, replayed: bo
         assert p.rows_args is not None
         return bool(await conn.fetchval(*_rows_statement(p, replayed)))
     assert p.latest_args is not None
-    matrix, seq = p.latest_args
     if not await conn.fetchval(
-        WRITE_LEDGER_AND_LATEST, *_ledger(p, replayed), nested(matrix), nested_row(seq), p.defer_latest
+        WRITE_LEDGER_AND_LATEST, *_ledger(p, replayed), *_arrays(*p.latest_args), p.defer_latest
     ):
         return False
     refused: list[BatchDataError] = []
