@@ -586,9 +586,8 @@ class PendingLatest:
         for b, (part_cols, part_pids, newest) in enumerate(self.parts, 1):
             if not newest:
                 continue
-            for f, col in enumerate(select(part_cols, newest)):
-                if f in _STATEMENT_IDX:
-                    cols[f].extend(col)
+            for col, picked in zip(cols, select(part_cols, newest), strict=True):
+                col.extend(picked)  # (empty for the fields the statement does not read)
             pids.extend([part_pids[i] for i in newest])
             batches.extend(repeat(float(b), len(newest)))
         if not pids:
