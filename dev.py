@@ -30,7 +30,9 @@ def ensure_venv(extras: str) -> None:
     if not PY.exists():
         print(f"dev.py: creating {VENV}", file=sys.stderr)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    # The C fast paths are built by the install: a changed C source reinstalls too.
+    sources = [ROOT / "pyproject.toml", *sorted(ROOT.glob("*/_speedups.c"))]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + extras.encode()).hexdigest()
     stamp = VENV / f".installed-{extras or 'base'}"
     if stamp.exists() and stamp.read_text() == digest:
         return

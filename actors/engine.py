@@ -95,6 +95,15 @@ async def broker_simulators(settings: Settings, modes: dict[str, str]) -> AsyncI
         yield with_simulators(settings, sims)
 
 
+def speedups_loaded() -> bool:
+    """Whether the optional C fast paths (``db/_speedups.c``, ``normalize/_speedups.c``) were
+    built and loaded; without them the same pure-Python code runs, slower."""
+    from db import encode
+    from normalize import book
+
+    return encode.SPEEDUPS and book.SPEEDUPS
+
+
 def running_event_loop() -> str:
     """The event loop running this task: ``uvloop``, ``asyncio`` (the standard library's), or
     ``other`` (not an asyncio loop: trio)."""
@@ -114,7 +123,10 @@ async def run_engine(settings: Settings) -> int:
     registry = StatusRegistry(mode=settings.mode, clock=time.time, redact=redact_text)
     registry.publish("brokers", dict(brokers))
     event_loop = running_event_loop()
-    registry.publish("runtime", {"event_loop": event_loop, "python": platform.python_version()})
+    speedups = speedups_loaded()
+    registry.publish(
+        "runtime", {"event_loop": event_loop, "python": platform.python_version(), "speedups": speedups}
+    )
     backoff, intensity = _policy(settings)
     supervisor: Supervisor | None = None
     stop_before_start = anyio.Event()
@@ -145,6 +157,7 @@ async def run_engine(settings: Settings) -> int:
             mode=settings.mode,
             brokers=brokers,
             event_loop=event_loop,
+            speedups=speedups,
             status_file=str(settings.status_file),
         )
         if simulated := [b for b, m in brokers.items() if m == "simulated"]:

@@ -62,6 +62,12 @@ BROKER = GreeksSource.BROKER.value
 _new_row = tuple.__new__
 _STOCK_LIKE = frozenset({AssetClass.STOCK.value, "IND", "ETF", "CASH"})
 
+try:  # the optional C fast path of Book._update (built by pip where a C compiler is found)
+    from normalize._speedups import broker_rows as _broker_rows
+except ImportError:  # pragma: no cover - a machine without a C compiler
+    _broker_rows = None  # type: ignore[assignment]
+SPEEDUPS = _broker_rows is not None
+
 
 def _nth_weekday(year: int, month: int, weekday: int, n: int) -> date:
     first = date(year, month, 1)
@@ -111,21 +117,26 @@ class _Instrument:
 
     ``price`` (the underlying-price rule: the mid, else the mark, else the last) is kept up to
     date on every update once another instrument names this one as its underlying
-    (``feeds_price``), so an option reads its underlying's price as one attribute. ``tail`` and
-    ``source`` are the derived values of the last update with holders (for the portfolio).
+    (``feeds_price``), so an option reads its underlying's price as one attribute. ``last_row``
+    (a row of the last update with holders: its derived values) and ``source`` are what the
+    portfolio reads.
     """
 
     state: dict[str, float | None] = field(default_factory=dict)
     holders: list[_Holder] = field(default_factory=list)  # open positions in it (non-zero quantity)
+    fan: tuple[tuple[tuple[Any, ...], float], ...] = ()  # (prefix, factor) of each holder (the C path)
     contract: _Contract | None = None  # set while it has holders
     feeds_price: bool = False
     price: float | None = None
-    tail: tuple[Any, ...] | None = None  # (event_ts, received_ts, bid, ask, last, mark, und, iv, Greeks...)
+    last_row: tuple[Any, ...] | None = None  # a GreeksSnapshot
     source: str | None = None
 
 
-# Positions in ``_Instrument.tail``: what the portfolio reads.
-_T_EVENT_TS, _T_UND, _T_DELTA, _T_GAMMA, _T_THETA, _T_VEGA = 0, 6, 8, 9, 10, 11
+# Positions in ``_Instrument.last_row``: what the portfolio reads.
+_T_EVENT_TS, _T_UND, _T_DELTA, _T_GAMMA, _T_THETA, _T_VEGA = (
+    GreeksSnapshot._fields.index(name)
+    for name in ("event_ts", "underlying_price", "delta", "gamma", "theta", "vega")
+)
 
 
 @dataclass(slots=True)
@@ -233,6 +244,7 @@ class Book:
             holders.append(_Holder(p, prefix, p.quantity * multiplier))
         rec = self._record((broker, instrument))
         rec.holders = holders
+        rec.fan = tuple((h.prefix, float(h.factor)) for h in holders)
         if not holders:
             rec.contract = None
             return
@@ -265,6 +277,15 @@ class Book:
         if not holders:
             return
         contract: _Contract = rec.contract  # type: ignore[assignment]  # set with the holders
+        if _broker_rows is not None and not contract.stock_like:
+            und_rec = contract.underlying_record
+            last_row = _broker_rows(
+                GreeksSnapshot, BROKER, state, u, None if und_rec is None else und_rec.price, rec.fan, rows
+            )
+            if last_row is not None:  # the broker's Greeks: rows appended (else: the code below)
+                rec.last_row = last_row
+                rec.source = BROKER
+                return
         bid = get("bid")
         ask = get("ask")
         last = get("last")
@@ -311,10 +332,9 @@ class Book:
                 source = MODEL
                 out.model_rows += len(holders)
         event_ts = u.event_ts
-        rec.tail = tail = (
+        tail = (
             event_ts, u.received_ts, bid, ask, last, mark, und, iv, delta, gamma, theta, vega, rho,
         )  # fmt: skip
-        rec.source = source
         seq = u.seq
         append = rows.append
         for h in holders:
@@ -334,6 +354,8 @@ class Book:
                     ),
                 )
             )
+        rec.last_row = rows[-1]
+        rec.source = source
 
     def _sanitize(self, key: tuple[str, str]) -> None:
         """Drop state values that are not finite numbers (after a bad update), so that one bad
@@ -388,13 +410,15 @@ class Book:
             holders = rec.holders
             if not holders:
                 continue
-            t = rec.tail
+            t = rec.last_row
             if t is None:
                 missing += len(holders)
                 continue
             if as_of is None or t[_T_EVENT_TS] > as_of:
                 as_of = t[_T_EVENT_TS]
             delta, gamma, theta, vega, und = t[_T_DELTA], t[_T_GAMMA], t[_T_THETA], t[_T_VEGA], t[_T_UND]
+            if not isinstance(und, int | float):  # the underlying price is copied, never computed
+                und = None  # with: a non-number (a mapper bug) must not take the portfolio down
             for h in holders:
                 s = sums.get(h.position.underlying)
                 if s is None:

@@ -54,6 +54,11 @@ _MAX_MS = 10**13  # event times past year 2286 are not times
 _MAX_SEQ = (1 << 63) - 1
 _new_update = tuple.__new__  # InstrumentUpdate from a tuple, without the NamedTuple's Python __new__
 
+try:  # the optional C fast path of map_feed (normalize/_speedups.c)
+    from normalize._speedups import map_events as _map_events
+except ImportError:  # pragma: no cover - a machine without a C compiler
+    _map_events = None  # type: ignore[assignment]
+
 #: DXLink field -> canonical update field, per event type
 VALUE_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "Greeks": (
@@ -258,6 +263,8 @@ class _Plan:
     event_time: int | None  # tuple index of eventTime, if carried
     times: tuple[int, ...]  # tuple indexes of the event's own time fields that are carried
     seq: int | None
+    value_columns: tuple[int, ...]  # what ``values`` reads, for the C fast path
+    value_keys: tuple[str, ...]
 
 
 def _values_of(pairs: list[tuple[int, str]]) -> Callable[[Sequence[Any]], dict[str, Any]]:
@@ -296,6 +303,8 @@ def _plan(event_type: str, fields: frozenset[str]) -> _Plan | None:
         event_time=index["eventTime"] if "eventTime" in fields else None,
         times=tuple(index[f] for f in _TIME_FIELDS[event_type] if f in fields),
         seq=index["sequence"] if "sequence" in fields else None,
+        value_columns=tuple(i for i, _ in carried),
+        value_keys=tuple(key for _, key in carried),
     )
 
 
@@ -341,11 +350,19 @@ def map_feed(
     plan = _plan(data.event_type, data.fields)
     if plan is None:
         return 0
+    times = plan.times
+    if _map_events is not None and 1 <= len(times) <= 2:  # the C fast path: every event, or None
+        unknown_fast = _map_events(
+            InstrumentUpdate, BROKER, data.events, symbols, received_ts, times[0],
+            times[1] if len(times) == 2 else -1, -1 if plan.event_time is None else plan.event_time,
+            -1 if plan.seq is None else plan.seq, plan.value_columns, plan.value_keys, append,
+        )  # fmt: skip
+        if unknown_fast is not None:
+            return unknown_fast
     values = plan.values
     seq_i = plan.seq
     # the usual cases: no eventTime (or 0) and one own time field (Greeks ``time``, Trade) or
     # two (Quote ``bidTime``/``askTime``: the later one), whole milliseconds in range
-    times = plan.times
     single = times[0] if len(times) == 1 else None
     first, second = times if len(times) == 2 else (None, None)
     event_time = plan.event_time

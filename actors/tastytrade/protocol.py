@@ -318,6 +318,11 @@ _STR_TYPE: Final = frozenset({str})
 _NUMBER_TYPES: Final = frozenset({int, float, type(None)})
 _SCALAR_TYPES: Final = frozenset({int, float, str, bool, type(None)})
 _new_tuple = tuple.__new__
+
+try:  # the optional C fast path of decode_compact (normalize/_speedups.c)
+    from normalize._speedups import compact_events as _compact_events
+except ImportError:  # pragma: no cover - a machine without a C compiler
+    _compact_events = None  # type: ignore[assignment]
 _PAD: Final[list[None]] = [None]  # appended to a row: the slot absent fields read
 
 
@@ -327,7 +332,7 @@ class _Layout:
 
     __slots__ = (
         "cls", "event_type", "fields", "getter", "identity", "numeric_end", "numeric_columns",
-        "symbol_column", "tail_columns", "width",
+        "positions", "symbol_column", "tail_columns", "width",
     )  # fmt: skip
 
     def __init__(self, event_type: str, wire_fields: Sequence[str]) -> None:
@@ -348,7 +353,8 @@ class _Layout:
         self.tail_columns = tuple(position[n] for n in canonical[end:] if n in position)
         self.identity = tuple(wire_fields) == canonical
         # absent fields point at the padding slot (index `width`, a None appended to the row)
-        self.getter = itemgetter(*(position.get(name, self.width) for name in canonical))
+        self.positions = tuple(position.get(name, self.width) for name in canonical)
+        self.getter = itemgetter(*self.positions)
         self.fields = frozenset(name for name in canonical if name in position)
 
     def check(self, row: Sequence[Any]) -> tuple[Any, ...] | None:
@@ -410,6 +416,13 @@ def decode_compact(layout: _Layout, values: list[Any]) -> tuple[list[Any], int]:
     """
     width = layout.width
     cls = layout.cls
+    if _compact_events is not None:  # the C fast path: every row clean, or None
+        fast = _compact_events(
+            cls, values, width, layout.symbol_column, layout.numeric_columns, layout.tail_columns,
+            layout.positions,
+        )  # fmt: skip
+        if fast is not None:
+            return fast, 0
     suspects = layout.suspect_rows(values)
     if not suspects:
         if layout.identity:

@@ -19,6 +19,7 @@ import anyio
 import asyncpg
 import pytest
 
+from actors.engine import speedups_loaded
 from config.settings import DatabaseSettings
 from db.embedded import database
 
@@ -156,6 +157,7 @@ def test_engine_streams_reports_health_and_drains_on_sigterm(tmp_path: Path) -> 
         assert doc["channels"]["rows"]["capacity"] == 256
         assert doc["brokers"] == {"ibkr": "simulated", "tastytrade": "simulated"}
         assert doc["runtime"]["event_loop"] == "asyncio"  # the default
+        assert doc["runtime"]["speedups"] is speedups_loaded()  # the C fast paths, where built
         assert doc["writer"]["db"] == "connected"
         if "DATABASE_URL" not in env:
             assert doc["database"]["embedded"] is True

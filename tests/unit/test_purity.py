@@ -67,3 +67,27 @@ def test_the_check_sees_forbidden_imports(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import time\nfrom anyio import sleep\nimport os\nif TYPE_CHECKING:\n    import asyncpg\n")
     assert imported_roots(bad) & FORBIDDEN == {"time", "anyio"}
+
+
+# The C fast paths (optional extensions) are pure too: the C library's math and memory headers and
+# Python's, nothing that reads a clock, a file or a socket.
+C_SOURCES = sorted(ROOT.glob("*/_speedups.c"))
+C_HEADERS = {"Python.h", "math.h", "stdint.h", "string.h"}
+
+
+def c_includes(path: Path) -> set[str]:
+    return {
+        line.split()[1].strip('<>"')
+        for line in path.read_text().splitlines()
+        if line.startswith("#include") and len(line.split()) > 1
+    }
+
+
+def test_c_fast_paths_exist() -> None:
+    assert [p.relative_to(ROOT).as_posix() for p in C_SOURCES] == ["db/_speedups.c", "normalize/_speedups.c"]
+
+
+@pytest.mark.parametrize("path", C_SOURCES, ids=[str(p.relative_to(ROOT)) for p in C_SOURCES])
+def test_c_fast_path_includes_no_io_or_clock_header(path: Path) -> None:
+    assert c_includes(path) <= C_HEADERS
+    assert "<time.h>" not in path.read_text()

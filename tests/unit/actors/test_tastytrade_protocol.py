@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from actors.tastytrade import protocol as protocol_module
 from actors.tastytrade.protocol import (
     EVENT_FIELDS,
     EXCERPT_CHARS,
@@ -37,6 +39,9 @@ from actors.tastytrade.protocol import (
     Trade,
     Unauthorized,
 )
+from normalize import tastytrade as tastytrade_module
+from normalize.book import SPEEDUPS as _SPEEDUPS
+from normalize.tastytrade import map_feed
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "tastytrade"
 TOKEN = "quote-token-123"
@@ -793,3 +798,98 @@ def test_resubscribe_with_reset_and_nothing_to_add() -> None:
     p = at(S.CHANNEL_REQUESTED, subscriptions=[])
     p.receive_text(OPENED, T0)
     assert sent(p)[1] == {"type": "FEED_SUBSCRIPTION", "channel": 1, "reset": True, "add": []}
+
+
+# --------------------------------------------------------------------------- the C fast paths
+
+_CELL = (
+    st.floats(min_value=-1e6, max_value=1e6)
+    | st.integers(0, 2**64)
+    | st.integers(-5, 5)
+    | st.sampled_from(["NaN", "Infinity", "-Infinity", "", "x", None, True, 0, 0.0, 1_700_000_000_000])
+    | st.integers(1_600_000_000_000, 1_800_000_000_000)
+)
+_SYMBOL = st.sampled_from([".SPY250117C500", "SPY", "QQQ", "", 5, None])
+
+
+@pytest.mark.skipif(not _SPEEDUPS, reason="normalize._speedups not built (no C compiler)")
+@given(
+    st.sampled_from(["Greeks", "Quote", "Trade"]),
+    st.data(),
+    st.booleans(),
+)
+def test_c_fast_paths_decode_and_map_as_the_python_code(
+    event_type: str, data: st.DataObject, shuffle: bool
+) -> None:
+    # COMPACT rows of any values (clean or not: NaN strings, wrong types, empty symbols), in the
+    # canonical field order or another, decoded and mapped with the C fast paths and without:
+    # the same events, Malformed reports, updates and unknown counts.
+    fields = list(REQUESTED_FIELDS.get(event_type, EVENT_FIELDS[event_type]))
+    if shuffle:
+        fields = data.draw(st.permutations(fields))
+    rows = data.draw(
+        st.lists(
+            st.tuples(_SYMBOL, st.lists(_CELL, min_size=len(fields) - 1, max_size=len(fields) - 1)),
+            max_size=6,
+        )
+    )
+    values: list[Any] = []
+    for symbol, cells in rows:
+        row = list(cells)
+        row.insert(fields.index("eventSymbol"), symbol)
+        values.extend(row)
+    frames = [
+        msg(type="FEED_CONFIG", channel=1, dataFormat="COMPACT", eventFields={event_type: fields}),
+        json.dumps({"type": "FEED_DATA", "channel": 1, "data": [event_type, values]}),
+    ]
+    symbols = {".SPY250117C500": "SPY   250117C00500000", "SPY": "SPY"}
+
+    def run() -> str:
+        p = at(S.STREAMING)
+        out = []
+        for frame in frames:
+            p.receive_text(frame, T0)
+            for event in p.events_received():
+                updates: list[Any] = []
+                unknown = (
+                    map_feed(event, symbols, T0, updates.append) if isinstance(event, FeedData) else None
+                )
+                out.append((event, updates, unknown))
+        return repr(out)
+
+    fast = run()
+    with (
+        mock.patch.object(protocol_module, "_compact_events", None),
+        mock.patch.object(tastytrade_module, "_map_events", None),
+    ):
+        assert run() == fast
+
+
+@pytest.mark.skipif(not _SPEEDUPS, reason="normalize._speedups not built (no C compiler)")
+def test_c_fast_paths_take_the_usual_frames() -> None:
+    # A clean Greeks frame goes through both C paths (not the Python fallbacks).
+    p = streaming_greeks()
+    fields = EVENT_FIELDS["Greeks"]
+    row = dict.fromkeys(fields, 0) | {"eventSymbol": ".SPY250117C500", "time": 1_700_000_000_123,
+                                           "sequence": 7, "delta": 0.5, "eventTime": 0}  # fmt: skip
+    decode = mock.Mock(wraps=protocol_module._compact_events)
+    mapper = mock.Mock(wraps=tastytrade_module._map_events)
+    with (
+        mock.patch.object(protocol_module, "_compact_events", decode),
+        mock.patch.object(tastytrade_module, "_map_events", mapper),
+    ):
+        p.receive_text(
+            json.dumps({"type": "FEED_DATA", "channel": 1, "data": ["Greeks", list(row.values())]}), T0
+        )
+        (event,) = p.events_received()
+        updates: list[Any] = []
+        assert map_feed(event, {".SPY250117C500": "SPY   250117C00500000"}, T0, updates.append) == 0
+    assert decode.call_count == 1
+    assert mapper.call_count == 1
+    (u,) = updates
+    assert (u.instrument, u.event_ts, u.seq, u.values["delta"]) == (
+        "SPY   250117C00500000",
+        1_700_000_000.123,
+        7,
+        0.5,
+    )

@@ -4,7 +4,9 @@ the binary COPY stream (decoded back here), positions snapshots and session even
 from __future__ import annotations
 
 import math
+import shutil
 import struct
+import sysconfig
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -20,10 +22,12 @@ from db.encode import (
     HISTORY_COLUMNS,
     MATRIX_ROWS,
     NEST_FROM,
+    SPEEDUPS,
     BatchDataError,
     Dimensions,
     Prepared,
     copy_chunk,
+    copy_chunk_py,
     copy_payload,
     facts,
     fold_positions,
@@ -163,6 +167,99 @@ def test_copy_stream_with_every_optional_column_mixed() -> None:
                 assert got == b"m"
             else:
                 assert got == full[name]
+
+
+# -- the C fast path (db/_speedups.c) against the Python encoder --------------------------------
+
+
+def split_copy_rows(data: bytes) -> list[bytes]:
+    """Binary COPY rows (no signature, no trailer) cut into one byte string per row."""
+    rows, pos = [], 0
+    while pos < len(data):
+        start = pos
+        (nfields,) = struct.unpack_from(">h", data, pos)
+        pos += 2
+        for _ in range(nfields):
+            (length,) = struct.unpack_from(">i", data, pos)
+            pos += 4 + max(length, 0)
+        rows.append(data[start:pos])
+    assert pos == len(data)
+    return rows
+
+
+def test_the_c_fast_path_is_built_where_a_compiler_is() -> None:
+    # pip builds db/_speedups.c as an optional extension: a machine with a C compiler and the
+    # Python headers must have it (a broken build would silently fall back to Python).
+    if shutil.which(sysconfig.get_config_var("CC").split()[0] or "cc") is None:
+        pytest.skip("no C compiler on this machine: the pure-Python encoder is used")
+    assert SPEEDUPS, "db._speedups was not built: reinstall (pip install -e .) and read its error"
+
+
+_any_float = st.floats(allow_nan=True, allow_infinity=True)
+wild_rows = st.builds(
+    lambda r, ts, rc, q, extra, seq, src: r._replace(
+        event_ts=ts,
+        received_ts=rc,
+        quantity=q,
+        bid=extra[0],
+        delta=extra[1],
+        iv=extra[2],
+        seq=seq,
+        greeks_source=src,
+    ),  # fmt: skip
+    history_rows,
+    st.floats(min_value=-1e10, max_value=1.2e10) | st.integers(0, 2**33),
+    st.floats(min_value=0, max_value=1e10),
+    _any_float | st.integers(-(2**40), 2**40),
+    st.tuples(
+        st.none() | _any_float | st.integers(-5, 5),
+        st.none() | _any_float | st.sampled_from([FLOAT4_MAX * 2, -1e39, 3.4e38]),
+        st.none() | st.floats(min_value=-1e6, max_value=1e6) | st.booleans(),
+    ),
+    st.none() | st.integers(-(2**64), 2**64) | st.booleans(),
+    st.sampled_from([None, "broker", "model", "other", "broker\x00x"]),
+)
+
+
+@pytest.mark.skipif(not SPEEDUPS, reason="db._speedups not built (no C compiler)")
+@given(st.lists(history_rows, max_size=30), st.integers(0, 5), st.integers(0, 40))
+def test_c_fast_path_writes_the_rows_the_python_encoder_writes(
+    rows: list[GreeksSnapshot], start: int, end: int
+) -> None:
+    # The engine's values (floats, None, int sequences): the C path takes every chunk and each
+    # row's bytes equal the Python encoder's (which groups rows by NULL pattern: any order).
+    cols = transpose(rows)
+    pids = [7 + i * 1_000_003 for i in range(len(rows))]
+    from db._speedups import copy_rows
+
+    direct = copy_rows(
+        [
+            pids if name == "position_id" else cols[GreeksSnapshot._fields.index(name)]
+            for name in HISTORY_COLUMNS
+        ],
+        min(start, len(rows)),
+        min(end, len(rows)) if end >= start else min(start, len(rows)),
+    )
+    assert direct is not None
+    fast = copy_chunk(cols, pids, start, end)
+    assert sorted(split_copy_rows(fast)) == sorted(split_copy_rows(copy_chunk_py(cols, pids, start, end)))
+    if end > start and rows[start:end]:
+        assert fast == direct
+
+
+@given(st.lists(wild_rows, min_size=1, max_size=8))
+def test_c_fast_path_and_python_encoder_agree_on_any_values(rows: list[GreeksSnapshot]) -> None:
+    # Ints where floats go, NaN and infinities, values beyond float4 or int8, booleans, unknown
+    # sources, times outside the fast range: the same rows, or the same refusal.
+    cols = transpose(rows)
+    pids = list(range(len(rows)))
+    try:
+        expected = sorted(split_copy_rows(copy_chunk_py(cols, pids)))
+    except BatchDataError:
+        with pytest.raises(BatchDataError):
+            copy_chunk(cols, pids)
+        return
+    assert sorted(split_copy_rows(copy_chunk(cols, pids))) == expected
 
 
 @given(st.floats(min_value=0, max_value=1.2e10) | st.floats(min_value=-1e10, max_value=0))

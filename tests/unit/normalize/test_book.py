@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from typing import Any
+from unittest import mock
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from normalize import book as book_module
 from normalize import bsm
-from normalize.book import SECONDS_PER_YEAR, Book, expiry_close_ts
+from normalize.book import SECONDS_PER_YEAR, SPEEDUPS, Book, expiry_close_ts
 from normalize.events import InstrumentUpdate, PositionsSnapshot, SessionEnded, SessionStarted
 from normalize.model import AssetClass, Right, UnifiedPosition
 from normalize.symbology import occ_symbol
@@ -355,3 +360,78 @@ def test_expiry_close_is_four_pm_new_york_through_daylight_saving() -> None:
     assert datetime.fromtimestamp(expiry_close_ts(date(2026, 3, 6)), UTC).hour == 21  # before 2nd Sunday
     assert datetime.fromtimestamp(expiry_close_ts(date(2026, 3, 9)), UTC).hour == 20  # after it
     assert datetime.fromtimestamp(expiry_close_ts(date(2026, 11, 2)), UTC).hour == 21  # after 1st Sunday
+
+
+# -- the C fast path (normalize/_speedups.c) against the Python code --------------------------------
+
+_FIELDS = ("bid", "ask", "last", "mark", "underlying_price", "iv", "delta", "gamma", "theta", "vega", "rho")
+_value = (
+    st.none()
+    | st.floats(min_value=-1e6, max_value=1e6)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-3, 3)
+    | st.just("1.5")
+)
+_updates = st.lists(
+    st.tuples(
+        st.sampled_from([CALL, PUT, "SPY", "QQQ"]),
+        st.dictionaries(st.sampled_from(_FIELDS), _value, max_size=len(_FIELDS)),
+        st.floats(min_value=NOW - 86400, max_value=NOW + 86400 * 90),
+        st.none() | st.integers(0, 2**63),
+    ),
+    max_size=30,
+)
+
+
+def _run(updates: list[tuple[str, dict[str, Any], float, int | None]], quantities: list[float]) -> str:
+    book = Book()
+    book.apply(
+        [
+            snapshot(
+                option(CALL, quantities[0]),
+                option(CALL, quantities[1], account="U2"),
+                option(PUT, quantities[2]),
+                stock(quantities[3]),
+                accounts=("U1", "U2"),
+            )
+        ]
+    )
+    out = book.apply(
+        [InstrumentUpdate("ibkr", key, ts, ts + 0.25, seq, values) for key, values, ts, seq in updates]
+    )
+    return repr((out.rows, out.model_rows, book.bad_events, book.portfolio()))
+
+
+@pytest.mark.skipif(not SPEEDUPS, reason="normalize._speedups not built (no C compiler)")
+@given(_updates, st.lists(st.sampled_from([0.0, 1.0, -2.0, 3.5, 7]), min_size=4, max_size=4))
+def test_c_fast_path_and_python_code_make_the_same_rows(
+    updates: list[tuple[str, dict[str, Any], float, int | None]], quantities: list[float]
+) -> None:
+    # Any mix of values (floats, None, NaN, infinities, ints, text): the same rows, model rows,
+    # bad events and portfolio with the C fast path as with the Python code alone.
+    fast = _run(updates, quantities)
+    with mock.patch.object(book_module, "_broker_rows", None):
+        assert _run(updates, quantities) == fast
+
+
+@pytest.mark.skipif(not SPEEDUPS, reason="normalize._speedups not built (no C compiler)")
+def test_c_fast_path_takes_the_broker_greeks_case() -> None:
+    # The usual update (the broker's Greeks) goes through C: rows identical to the Python code's.
+    book = book_with(option(CALL, 2), option(CALL, -1, account="U2"))
+    calls = mock.Mock(wraps=book_module._broker_rows)
+    with mock.patch.object(book_module, "_broker_rows", calls):
+        out = book.apply([update(CALL, 5, bid=1.0, ask=1.2, underlying_price=500.0, **GREEKS)])
+    assert calls.call_count == 1
+    assert [r.pos_delta for r in out.rows] == [0.5 * 200, 0.5 * -100]
+    assert out.rows[0].mark == pytest.approx(1.1)
+    assert out.rows[0].greeks_source == "broker"
+    assert book.portfolio()["total"]["delta"] == pytest.approx(50.0)
+
+
+def test_a_non_number_price_never_takes_the_portfolio_down() -> None:
+    # A mapper bug's text price is copied into the rows (the writer clears it) and the stock's
+    # underlying price: the portfolio leaves it out of the dollar delta instead of raising.
+    book = book_with(stock(100))
+    book.apply([update("SPY", 1, last="1.5")])  # type: ignore[arg-type]  # a mapper bug
+    total = book.portfolio()["total"]
+    assert (total["delta"], total["dollar_delta"]) == (100.0, 0.0)
