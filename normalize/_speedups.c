@@ -1,27 +1,22 @@
 /* normalize._speedups: C fast paths of the per-tick work, each for the usual case (optional:
  * without this module the pure-Python code runs, with the same results):
  *
- * - broker_rows: normalize.book's per-update derivations and fan-out;
+ * - apply_updates: normalize.book.Book.apply's instrument updates (merge, derived values, one row
+ *   per position holding the instrument) when the broker sent the four Greeks or the instrument
+ *   is stock-like; the model's case (Black-Scholes-Merton) stays in Python;
  * - compact_events: the DXLink codec's COMPACT rows -> event tuples (actors.tastytrade.protocol);
  * - map_events: DXLink event tuples -> InstrumentUpdates (normalize.tastytrade.map_feed).
  *
- * Each returns None, having changed nothing, for input outside its fast path, and the caller then
- * runs its Python code, which decides (and reports) exactly as before.
+ * Each leaves to the Python code it replaces any input outside its fast path (an int where a
+ * float is expected, a "NaN", a value of another type, a new instrument), having changed nothing
+ * that code does not do again the same way, and that code decides (and reports) as before. The
+ * tests run both on the same input and compare.
  *
  * Rules: pure. Values in, values out: no I/O, no clock, no state between calls.
  *
- * broker_rows(row_type, source, state, update, und, fan, rows) does what Book._update does once
- * the instrument's state is merged, when the state holds all four of delta, gamma, theta and
- * vega (the broker's Greeks: no model): the derived values (the mark, the underlying price: the
- * state's, else ``und``), and for each (prefix, factor) of ``fan`` (at least one) one ``row_type``
- * row (prefix + the update's times + the 11 values + exposures + (seq, source)) appended to
- * ``rows``; it returns the last row. ``update`` is the InstrumentUpdate (broker, instrument,
- * event_ts, received_ts, seq, values). It returns None, touching nothing, when the update is not that
- * case or holds a value it does not handle (a bid, an ask or a Greek that is not a float, a
- * factor that is not a float): the caller then runs the Python code, which decides as before.
- *
- * Why: Book._update was the largest single share of the engine's CPU at 50,000 ticks/s (about a
- * quarter), nearly all of it interpreter overhead on a dozen dict reads and three tuples.
+ * Why: after the Python-level tuning, the book, the DXLink codec and its mapper were about half of
+ * the engine's CPU at 50,000 ticks/s, nearly all of it interpreter overhead on dict reads and
+ * small tuples; these run the same steps in C.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,86 +27,102 @@
 
 static PyObject *K_BID, *K_ASK, *K_LAST, *K_MARK, *K_UND, *K_IV, *K_DELTA, *K_GAMMA, *K_THETA, *K_VEGA,
     *K_RHO;
+static PyObject *A_STATE, *A_FEEDS_PRICE, *A_PRICE, *A_FAN, *A_CONTRACT, *A_STOCK_LIKE, *A_UNDERLYING_RECORD,
+    *A_LAST_ROW, *A_SOURCE;
+static PyObject *ONE; /* 1.0: a stock's delta */
 
 static inline PyObject *get(PyObject *state, PyObject *key) {
     PyObject *v = PyDict_GetItemWithError(state, key); /* borrowed */
     return v == NULL ? Py_None : v;
 }
 
-static PyObject *broker_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "broker_rows takes 7 arguments");
-        return NULL;
+/* Outcome of one step: done, or not handled here (the Python code takes the event from the
+ * start: merging the same values into the state again changes nothing), or a Python error. */
+enum step { DONE, NOT_HANDLED, FAILED };
+
+/* The underlying-price rule of an instrument's state (book._price); NOT_HANDLED for a bid or an
+ * ask that is not a float. *price: a new reference. */
+static enum step state_price(PyObject *state, PyObject **price) {
+    PyObject *bid = get(state, K_BID), *ask = get(state, K_ASK);
+    if (bid != Py_None && ask != Py_None) {
+        if (!PyFloat_CheckExact(bid) || !PyFloat_CheckExact(ask)) {
+            return NOT_HANDLED;
+        }
+        double b = PyFloat_AS_DOUBLE(bid), a = PyFloat_AS_DOUBLE(ask);
+        if (a >= b && b > 0) {
+            *price = PyFloat_FromDouble((b + a) * 0.5);
+            return *price == NULL ? FAILED : DONE;
+        }
     }
-    PyObject *row_type = args[0], *source = args[1], *state = args[2], *update = args[3];
-    PyObject *und_fallback = args[4], *fan = args[5], *rows = args[6];
-    if (!PyType_Check(row_type) || !PyType_IsSubtype((PyTypeObject *)row_type, &PyTuple_Type) ||
-        !PyDict_CheckExact(state) || !PyList_CheckExact(rows) || !PyTuple_Check(update) ||
-        PyTuple_GET_SIZE(update) != 6) {
-        PyErr_SetString(PyExc_TypeError, "broker_rows: a tuple type, a dict, an update and a list expected");
-        return NULL;
-    }
-    PyObject *event_ts = PyTuple_GET_ITEM(update, 2), *received_ts = PyTuple_GET_ITEM(update, 3);
-    PyObject *seq = PyTuple_GET_ITEM(update, 4);
-    PyObject *fan_fast = PySequence_Fast(fan, "broker_rows: fan must be a sequence");
-    if (fan_fast == NULL) {
-        return NULL;
-    }
+    PyObject *mark = get(state, K_MARK);
+    *price = mark != Py_None ? mark : get(state, K_LAST);
+    Py_INCREF(*price);
+    return DONE;
+}
+
+/* Book._update once the state is merged, for an instrument with holders, when the state holds the
+ * broker's four Greeks (source broker) or the instrument is stock-like (delta 1, source model):
+ * the derived values and one row per (prefix, factor) of ``fan``; *last_row, *source: borrowed
+ * (the row is in ``rows``). NOT_HANDLED: the model's case, or a value of an unexpected type. */
+static enum step fan_out(PyObject *state, PyObject *update, int stock_like, PyObject *und_fallback, PyObject *fan,
+                         PyObject *rows, PyTypeObject *row_type, PyObject *broker_src, PyObject *model_src,
+                         PyObject **last_row, PyObject **source) {
     PyObject *bid = get(state, K_BID), *ask = get(state, K_ASK), *last = get(state, K_LAST);
     PyObject *delta = get(state, K_DELTA), *gamma = get(state, K_GAMMA), *theta = get(state, K_THETA);
     PyObject *vega = get(state, K_VEGA), *iv = get(state, K_IV), *rho = get(state, K_RHO);
     PyObject *mark_v = get(state, K_MARK), *und = get(state, K_UND);
     if (PyErr_Occurred()) {
-        Py_DECREF(fan_fast);
-        return NULL;
+        return FAILED;
     }
-    /* The case handled here: the broker's four Greeks, floats; a bid and an ask, if both are
-     * present, floats (they are compared and averaged). */
-    if (!PyFloat_CheckExact(delta) || !PyFloat_CheckExact(gamma) || !PyFloat_CheckExact(theta) ||
-        !PyFloat_CheckExact(vega) ||
-        (bid != Py_None && ask != Py_None && (!PyFloat_CheckExact(bid) || !PyFloat_CheckExact(ask)))) {
-        Py_DECREF(fan_fast);
-        Py_RETURN_NONE;
+    if (bid != Py_None && ask != Py_None && (!PyFloat_CheckExact(bid) || !PyFloat_CheckExact(ask))) {
+        return NOT_HANDLED;
     }
-    Py_ssize_t nfan = PySequence_Fast_GET_SIZE(fan_fast);
-    PyObject **fan_items = PySequence_Fast_ITEMS(fan_fast);
-    if (nfan == 0) {
-        Py_DECREF(fan_fast);
-        Py_RETURN_NONE;
+    PyObject *src;
+    PyObject *greeks[4] = {delta, gamma, theta, vega};
+    if (delta != Py_None && gamma != Py_None && theta != Py_None && vega != Py_None) {
+        src = broker_src;
+    } else if (stock_like) {
+        greeks[0] = delta = ONE;
+        src = model_src;
+    } else {
+        return NOT_HANDLED; /* the model fills the missing Greeks (Python) */
     }
+    for (int k = 0; k < 4; k++) {
+        if (greeks[k] != Py_None && !PyFloat_CheckExact(greeks[k])) {
+            return NOT_HANDLED;
+        }
+    }
+    Py_ssize_t nfan = PyTuple_GET_SIZE(fan);
     for (Py_ssize_t i = 0; i < nfan; i++) {
-        PyObject *pair = fan_items[i];
+        PyObject *pair = PyTuple_GET_ITEM(fan, i);
         if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 ||
             !PyTuple_CheckExact(PyTuple_GET_ITEM(pair, 0)) || PyTuple_GET_SIZE(PyTuple_GET_ITEM(pair, 0)) != PREFIX ||
             !PyFloat_CheckExact(PyTuple_GET_ITEM(pair, 1))) {
-            Py_DECREF(fan_fast);
-            Py_RETURN_NONE;
+            return NOT_HANDLED;
         }
     }
     PyObject *mark; /* new reference */
     if (bid != Py_None && ask != Py_None && PyFloat_AS_DOUBLE(ask) >= PyFloat_AS_DOUBLE(bid)) {
         mark = PyFloat_FromDouble((PyFloat_AS_DOUBLE(bid) + PyFloat_AS_DOUBLE(ask)) * 0.5);
         if (mark == NULL) {
-            Py_DECREF(fan_fast);
-            return NULL;
+            return FAILED;
         }
     } else {
         mark = mark_v != Py_None ? mark_v : last;
         Py_INCREF(mark);
     }
     if (und == Py_None) {
-        und = und_fallback;
+        und = stock_like ? mark : und_fallback;
     }
-    PyObject *tv[TAIL] = {event_ts, received_ts, bid, ask, last, mark, und, iv, delta, gamma, theta, vega, rho};
+    PyObject *tv[TAIL] = {PyTuple_GET_ITEM(update, 2), PyTuple_GET_ITEM(update, 3), bid, ask, last, mark, und, iv,
+                          delta, gamma, theta, vega, rho};
+    PyObject *seq = PyTuple_GET_ITEM(update, 4);
     PyObject *row = NULL;
-    double greeks[4] = {PyFloat_AS_DOUBLE(delta), PyFloat_AS_DOUBLE(gamma), PyFloat_AS_DOUBLE(theta),
-                        PyFloat_AS_DOUBLE(vega)};
-    PyTypeObject *type = (PyTypeObject *)row_type;
     for (Py_ssize_t i = 0; i < nfan; i++) {
-        PyObject *prefix = PyTuple_GET_ITEM(fan_items[i], 0);
-        double f = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(fan_items[i], 1));
+        PyObject *prefix = PyTuple_GET_ITEM(PyTuple_GET_ITEM(fan, i), 0);
+        double f = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(PyTuple_GET_ITEM(fan, i), 1));
         Py_XDECREF(row); /* the list holds the previous one */
-        row = type->tp_alloc(type, ROW);
+        row = row_type->tp_alloc(row_type, ROW);
         if (row == NULL) {
             goto fail;
         }
@@ -125,28 +136,177 @@ static PyObject *broker_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
             PyTuple_SET_ITEM(row, PREFIX + k, tv[k]);
         }
         for (int k = 0; k < 4; k++) {
-            PyObject *x = PyFloat_FromDouble(greeks[k] * f);
-            if (x == NULL) {
+            PyObject *x;
+            if (greeks[k] == Py_None) {
+                x = Py_None;
+                Py_INCREF(x);
+            } else if ((x = PyFloat_FromDouble(PyFloat_AS_DOUBLE(greeks[k]) * f)) == NULL) {
                 goto fail; /* unset items are NULL: tuple dealloc skips them */
             }
             PyTuple_SET_ITEM(row, PREFIX + TAIL + k, x);
         }
         Py_INCREF(seq);
         PyTuple_SET_ITEM(row, ROW - 2, seq);
-        Py_INCREF(source);
-        PyTuple_SET_ITEM(row, ROW - 1, source);
+        Py_INCREF(src);
+        PyTuple_SET_ITEM(row, ROW - 1, src);
         if (PyList_Append(rows, row) < 0) {
             goto fail;
         }
     }
     Py_DECREF(mark); /* the rows hold it */
-    Py_DECREF(fan_fast);
-    return row;
+    Py_XDECREF(row); /* the list holds it: returned borrowed */
+    *last_row = row;
+    *source = src;
+    return DONE;
 fail:
     Py_XDECREF(row);
     Py_DECREF(mark);
-    Py_DECREF(fan_fast);
-    return NULL;
+    return FAILED;
+}
+
+/* One InstrumentUpdate, Book._update's whole work when it is the usual case. */
+static enum step apply_one(PyObject *instruments, PyObject *ev, PyObject *rows, PyTypeObject *row_type,
+                           PyObject *broker_src, PyObject *model_src) {
+    PyObject *values = PyTuple_GET_ITEM(ev, 5);
+    if (!PyDict_CheckExact(values)) {
+        return NOT_HANDLED;
+    }
+    PyObject *key = PyTuple_Pack(2, PyTuple_GET_ITEM(ev, 0), PyTuple_GET_ITEM(ev, 1));
+    if (key == NULL) {
+        return FAILED;
+    }
+    PyObject *rec = PyDict_GetItemWithError(instruments, key); /* borrowed */
+    Py_DECREF(key);
+    if (rec == NULL) {
+        if (PyErr_Occurred()) { /* an unhashable key: the Python code reports it */
+            PyErr_Clear();
+        }
+        return NOT_HANDLED; /* a new instrument: the Python code creates its record */
+    }
+    Py_INCREF(rec);
+    enum step result = FAILED;
+    PyObject *state = NULL, *fan = NULL, *contract = NULL, *stock_like = NULL, *und_rec = NULL, *und_fb = NULL;
+    PyObject *price = NULL;
+    state = PyObject_GetAttr(rec, A_STATE);
+    if (state == NULL) {
+        goto done;
+    }
+    if (!PyDict_CheckExact(state)) {
+        result = NOT_HANDLED;
+        goto done;
+    }
+    if (PyDict_Update(state, values) < 0) {
+        goto done;
+    }
+    int feeds;
+    PyObject *feeds_o = PyObject_GetAttr(rec, A_FEEDS_PRICE);
+    if (feeds_o == NULL) {
+        goto done;
+    }
+    feeds = feeds_o == Py_True;
+    Py_DECREF(feeds_o);
+    if (feeds) {
+        enum step s = state_price(state, &price);
+        if (s != DONE) {
+            result = s;
+            goto done;
+        }
+        if (PyObject_SetAttr(rec, A_PRICE, price) < 0) {
+            goto done;
+        }
+    }
+    fan = PyObject_GetAttr(rec, A_FAN);
+    if (fan == NULL) {
+        goto done;
+    }
+    if (!PyTuple_CheckExact(fan)) {
+        result = NOT_HANDLED;
+        goto done;
+    }
+    if (PyTuple_GET_SIZE(fan) == 0) { /* nobody holds it: the state is all */
+        result = DONE;
+        goto done;
+    }
+    contract = PyObject_GetAttr(rec, A_CONTRACT);
+    if (contract == NULL) {
+        goto done;
+    }
+    if (contract == Py_None) {
+        result = NOT_HANDLED;
+        goto done;
+    }
+    stock_like = PyObject_GetAttr(contract, A_STOCK_LIKE);
+    und_rec = PyObject_GetAttr(contract, A_UNDERLYING_RECORD);
+    if (stock_like == NULL || und_rec == NULL) {
+        goto done;
+    }
+    if (und_rec == Py_None) {
+        und_fb = Py_None;
+        Py_INCREF(und_fb);
+    } else if ((und_fb = PyObject_GetAttr(und_rec, A_PRICE)) == NULL) {
+        goto done;
+    }
+    PyObject *last_row = NULL, *source = NULL;
+    result = fan_out(state, ev, stock_like == Py_True, und_fb, fan, rows, row_type, broker_src, model_src, &last_row,
+                     &source);
+    if (result == DONE &&
+        (PyObject_SetAttr(rec, A_LAST_ROW, last_row) < 0 || PyObject_SetAttr(rec, A_SOURCE, source) < 0)) {
+        result = FAILED;
+    }
+done:
+    if (result == FAILED && !PyErr_Occurred()) {
+        PyErr_SetString(PyExc_SystemError, "apply_updates failed without an error");
+    }
+    Py_XDECREF(price);
+    Py_XDECREF(und_fb);
+    Py_XDECREF(und_rec);
+    Py_XDECREF(stock_like);
+    Py_XDECREF(contract);
+    Py_XDECREF(fan);
+    Py_XDECREF(state);
+    Py_DECREF(rec);
+    return result;
+}
+
+/* apply_updates(instruments, events, start, rows, update_type, row_type, broker_src, model_src)
+ * -> (next, handled): applies events[start:] while each is an ``update_type`` it handles whole
+ * (see apply_one and fan_out); ``next`` is the index of the first it did not (the caller applies
+ * that one in Python, then calls again), ``handled`` how many it applied. */
+static PyObject *apply_updates(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "apply_updates takes 8 arguments");
+        return NULL;
+    }
+    PyObject *instruments = args[0], *events = args[1], *rows = args[3], *update_type = args[4];
+    PyObject *row_type = args[5], *broker_src = args[6], *model_src = args[7];
+    Py_ssize_t start = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
+    if (start == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyDict_CheckExact(instruments) || !PyList_CheckExact(events) || !PyList_CheckExact(rows) ||
+        !PyType_Check(update_type) || !PyType_Check(row_type) ||
+        !PyType_IsSubtype((PyTypeObject *)row_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "apply_updates: a dict, two lists and two tuple types expected");
+        return NULL;
+    }
+    Py_ssize_t i = start < 0 ? 0 : start, handled = 0;
+    for (; i < PyList_GET_SIZE(events); i++) {
+        PyObject *ev = PyList_GET_ITEM(events, i);
+        if (Py_TYPE(ev) != (PyTypeObject *)update_type || PyTuple_GET_SIZE(ev) != 6) {
+            break;
+        }
+        Py_INCREF(ev);
+        enum step s = apply_one(instruments, ev, rows, (PyTypeObject *)row_type, broker_src, model_src);
+        Py_DECREF(ev);
+        if (s == FAILED) {
+            return NULL;
+        }
+        if (s == NOT_HANDLED) {
+            break;
+        }
+        handled++;
+    }
+    return Py_BuildValue("(nn)", i, handled);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -463,10 +623,9 @@ error:
 }
 
 static PyMethodDef methods[] = {
-    {"broker_rows", (PyCFunction)(void (*)(void))broker_rows, METH_FASTCALL,
-     "broker_rows(row_type, source, state, update, und, fan, rows) -> tuple | None\n"
-     "Book._update's derivations and fan-out when the state holds the broker's Greeks (see the\n"
-     "module source); None: not that case, nothing done."},
+    {"apply_updates", (PyCFunction)(void (*)(void))apply_updates, METH_FASTCALL,
+     "apply_updates(instruments, events, start, rows, update_type, row_type, broker_src, model_src)\n"
+     "-> (next, handled): Book.apply's usual InstrumentUpdates in C (see the module source)."},
     {"compact_events", (PyCFunction)(void (*)(void))compact_events, METH_FASTCALL,
      "compact_events(cls, values, width, symbol_col, numeric_cols, tail_cols, positions) -> list | None\n"
      "DXLink COMPACT rows as event tuples when every row is clean (see the module source)."},
@@ -502,5 +661,18 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(K_THETA, "theta");
     INTERN(K_VEGA, "vega");
     INTERN(K_RHO, "rho");
+    INTERN(A_STATE, "state");
+    INTERN(A_FEEDS_PRICE, "feeds_price");
+    INTERN(A_PRICE, "price");
+    INTERN(A_FAN, "fan");
+    INTERN(A_CONTRACT, "contract");
+    INTERN(A_STOCK_LIKE, "stock_like");
+    INTERN(A_UNDERLYING_RECORD, "underlying_record");
+    INTERN(A_LAST_ROW, "last_row");
+    INTERN(A_SOURCE, "source");
+    if ((ONE = PyFloat_FromDouble(1.0)) == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

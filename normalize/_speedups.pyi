@@ -1,16 +1,17 @@
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-def broker_rows(
-    row_type: type[tuple[Any, ...]],
-    source: str,
-    state: dict[str, Any],
-    update: tuple[Any, ...],
-    und: float | None,
-    fan: Sequence[tuple[tuple[Any, ...], float]],
+def apply_updates(
+    instruments: dict[tuple[str, str], Any],
+    events: list[Any],
+    start: int,
     rows: list[Any],
+    update_type: type[tuple[Any, ...]],
+    row_type: type[tuple[Any, ...]],
+    broker_src: str,
+    model_src: str,
     /,
-) -> tuple[Any, ...] | None: ...
+) -> tuple[int, int]: ...
 def compact_events(
     cls: type[tuple[Any, ...]],
     values: list[Any],

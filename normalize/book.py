@@ -62,11 +62,11 @@ BROKER = GreeksSource.BROKER.value
 _new_row = tuple.__new__
 _STOCK_LIKE = frozenset({AssetClass.STOCK.value, "IND", "ETF", "CASH"})
 
-try:  # the optional C fast path of Book._update (built by pip where a C compiler is found)
-    from normalize._speedups import broker_rows as _broker_rows
+try:  # the optional C fast path of Book.apply (built by pip where a C compiler is found)
+    from normalize._speedups import apply_updates as _apply_updates
 except ImportError:  # pragma: no cover - a machine without a C compiler
-    _broker_rows = None  # type: ignore[assignment]
-SPEEDUPS = _broker_rows is not None
+    _apply_updates = None  # type: ignore[assignment]
+SPEEDUPS = _apply_updates is not None
 
 
 def _nth_weekday(year: int, month: int, weekday: int, n: int) -> date:
@@ -170,8 +170,35 @@ class Book:
     # ------------------------------------------------------------------------------ events
 
     def apply(self, events: Iterable[Any]) -> BookOutput:
-        """Apply events in order; return the rows and pass-through events they produced."""
+        """Apply events in order; return the rows and pass-through events they produced.
+
+        With the C fast path (:data:`SPEEDUPS`) runs of usual instrument updates (the broker's
+        Greeks, or a stock-like instrument) are applied in C; each event it leaves (a new
+        instrument, the model's case, an unusual value, another event) takes the code below."""
         out = BookOutput()
+        rows = out.rows
+        updates = 0
+        if _apply_updates is None:
+            self._apply_events(events, out)
+        else:
+            events = events if type(events) is list else list(events)
+            i, n = 0, len(events)
+            instruments = self._instruments
+            while i < n:
+                i, handled = _apply_updates(
+                    instruments, events, i, rows, InstrumentUpdate, GreeksSnapshot, BROKER, MODEL
+                )
+                updates += handled
+                if i < n:
+                    self._apply_events((events[i],), out)
+                    i += 1
+        self.rows_total += len(rows)
+        self.model_rows_total += out.model_rows
+        self.updates_total += updates
+        return out
+
+    def _apply_events(self, events: Iterable[Any], out: BookOutput) -> None:
+        """Apply events in order, in Python."""
         rows = out.rows
         update = self._update
         updates = 0
@@ -193,9 +220,6 @@ class Book:
                 if type(event) is InstrumentUpdate:
                     self._sanitize((event.broker, event.instrument))
         self.updates_total += updates
-        self.rows_total += len(rows)
-        self.model_rows_total += out.model_rows
-        return out
 
     def _record(self, key: tuple[str, str]) -> _Instrument:
         rec = self._instruments.get(key)
@@ -277,15 +301,6 @@ class Book:
         if not holders:
             return
         contract: _Contract = rec.contract  # type: ignore[assignment]  # set with the holders
-        if _broker_rows is not None and not contract.stock_like:
-            und_rec = contract.underlying_record
-            last_row = _broker_rows(
-                GreeksSnapshot, BROKER, state, u, None if und_rec is None else und_rec.price, rec.fan, rows
-            )
-            if last_row is not None:  # the broker's Greeks: rows appended (else: the code below)
-                rec.last_row = last_row
-                rec.source = BROKER
-                return
         bid = get("bid")
         ask = get("ask")
         last = get("last")

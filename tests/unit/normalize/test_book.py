@@ -383,49 +383,71 @@ _updates = st.lists(
 )
 
 
-def _run(updates: list[tuple[str, dict[str, Any], float, int | None]], quantities: list[float]) -> str:
+def _run(
+    updates: list[tuple[str, dict[str, Any], float, int | None]], quantities: list[float], change_at: int
+) -> str:
+    def book_of(q: list[float]) -> PositionsSnapshot:
+        return snapshot(
+            option(CALL, q[0]),
+            option(CALL, q[1], account="U2"),
+            option(PUT, q[2]),
+            stock(q[3]),
+            accounts=("U1", "U2"),
+        )
+
     book = Book()
-    book.apply(
-        [
-            snapshot(
-                option(CALL, quantities[0]),
-                option(CALL, quantities[1], account="U2"),
-                option(PUT, quantities[2]),
-                stock(quantities[3]),
-                accounts=("U1", "U2"),
-            )
-        ]
-    )
-    out = book.apply(
-        [InstrumentUpdate("ibkr", key, ts, ts + 0.25, seq, values) for key, values, ts, seq in updates]
-    )
-    return repr((out.rows, out.model_rows, book.bad_events, book.portfolio()))
+    book.apply([book_of(quantities)])
+    events: list[Any] = [
+        InstrumentUpdate("ibkr", key, ts, ts + 0.25, seq, values) for key, values, ts, seq in updates
+    ]
+    # mid-stream: the positions change (another fan-out), a session event, a non-event
+    events[change_at:change_at] = [book_of(quantities[::-1]), SessionEnded("ibkr", "s", NOW, "x", 1), "junk"]
+    out = book.apply(events)
+    return repr((out.rows, out.model_rows, book.bad_events, book.updates_total, book.portfolio()))
 
 
 @pytest.mark.skipif(not SPEEDUPS, reason="normalize._speedups not built (no C compiler)")
-@given(_updates, st.lists(st.sampled_from([0.0, 1.0, -2.0, 3.5, 7]), min_size=4, max_size=4))
+@given(
+    _updates,
+    st.lists(st.sampled_from([0.0, 1.0, -2.0, 3.5, 7]), min_size=4, max_size=4),
+    st.integers(0, 30),
+)
 def test_c_fast_path_and_python_code_make_the_same_rows(
-    updates: list[tuple[str, dict[str, Any], float, int | None]], quantities: list[float]
+    updates: list[tuple[str, dict[str, Any], float, int | None]], quantities: list[float], change_at: int
 ) -> None:
-    # Any mix of values (floats, None, NaN, infinities, ints, text): the same rows, model rows,
-    # bad events and portfolio with the C fast path as with the Python code alone.
-    fast = _run(updates, quantities)
-    with mock.patch.object(book_module, "_broker_rows", None):
-        assert _run(updates, quantities) == fast
+    # Any mix of values (floats, None, NaN, infinities, ints, text), instruments held or not,
+    # positions changing mid-stream: the same rows, model rows, bad events, counts and portfolio
+    # with the C fast path as with the Python code alone.
+    fast = _run(updates, quantities, change_at)
+    with mock.patch.object(book_module, "_apply_updates", None):
+        assert _run(updates, quantities, change_at) == fast
 
 
 @pytest.mark.skipif(not SPEEDUPS, reason="normalize._speedups not built (no C compiler)")
-def test_c_fast_path_takes_the_broker_greeks_case() -> None:
-    # The usual update (the broker's Greeks) goes through C: rows identical to the Python code's.
-    book = book_with(option(CALL, 2), option(CALL, -1, account="U2"))
-    calls = mock.Mock(wraps=book_module._broker_rows)
-    with mock.patch.object(book_module, "_broker_rows", calls):
-        out = book.apply([update(CALL, 5, bid=1.0, ask=1.2, underlying_price=500.0, **GREEKS)])
+def test_c_fast_path_takes_the_usual_updates() -> None:
+    # The usual updates (an option with the broker's Greeks, a stock) are applied in C, none in
+    # Python: the rows the Python code makes (tested above).
+    book = book_with(option(CALL, 2), option(CALL, -1, account="U2"), stock(10))
+    calls = mock.Mock(wraps=book_module._apply_updates)
+    python_path = mock.Mock(wraps=book._update)
+    with (
+        mock.patch.object(book, "_update", python_path),
+        mock.patch.object(book_module, "_apply_updates", calls),
+    ):
+        out = book.apply(
+            [
+                update(CALL, 5, bid=1.0, ask=1.2, underlying_price=500.0, **GREEKS),
+                update("SPY", 6, bid=500.0, ask=500.2),
+            ]
+        )
     assert calls.call_count == 1
-    assert [r.pos_delta for r in out.rows] == [0.5 * 200, 0.5 * -100]
+    assert python_path.call_count == 0
+    assert [r.seq for r in out.rows] == [5, 5, 6]
+    assert (out.rows[2].delta, out.rows[2].pos_delta, out.rows[2].greeks_source) == (1.0, 10.0, "model")
+    assert [r.pos_delta for r in out.rows] == [0.5 * 200, 0.5 * -100, 10.0]
     assert out.rows[0].mark == pytest.approx(1.1)
     assert out.rows[0].greeks_source == "broker"
-    assert book.portfolio()["total"]["delta"] == pytest.approx(50.0)
+    assert book.portfolio()["total"]["delta"] == pytest.approx(60.0)
 
 
 def test_a_non_number_price_never_takes_the_portfolio_down() -> None:
@@ -435,3 +457,32 @@ def test_a_non_number_price_never_takes_the_portfolio_down() -> None:
     book.apply([update("SPY", 1, last="1.5")])  # type: ignore[arg-type]  # a mapper bug
     total = book.portfolio()["total"]
     assert (total["delta"], total["dollar_delta"]) == (100.0, 0.0)
+
+
+_EDGE_CASES = {
+    "underlying-bid-zero": [("SPY", {"bid": 0.0, "ask": 1.0, "last": 2.0}), (CALL, dict(GREEKS, bid=1.0))],
+    "underlying-crossed": [("SPY", {"bid": 1.0, "ask": 0.5, "mark": 0.7}), (CALL, dict(GREEKS, ask=1.0))],
+    "underlying-int-bid": [("SPY", {"bid": 1, "ask": 2.0}), (CALL, dict(GREEKS))],
+    "option-int-bid": [(CALL, dict(GREEKS, bid=1, ask=1.2))],
+    "option-crossed": [(CALL, dict(GREEKS, bid=1.3, ask=1.2, last=1.25))],
+    "option-int-delta": [(CALL, dict(GREEKS, delta=1))],
+    "option-nan-greek": [(CALL, dict(GREEKS, vega=float("nan")))],
+    "stock-own-greeks": [("SPY", {"bid": 500.0, "ask": 500.5, "gamma": 0.1, "theta": None})],
+    "stock-text-gamma": [("SPY", {"bid": 500.0, "gamma": "x"})],
+    "unheld-then-held": [("QQQ", {"bid": 1.0}), (PUT, dict(GREEKS, underlying_price=480.0))],
+}
+
+
+@pytest.mark.skipif(not SPEEDUPS, reason="normalize._speedups not built (no C compiler)")
+@pytest.mark.parametrize("case", list(_EDGE_CASES), ids=list(_EDGE_CASES))
+def test_c_fast_path_edge_cases_match_the_python_code(case: str) -> None:
+    def run() -> tuple[str, list[Any]]:
+        book = book_with(option(CALL, 2), option(PUT, -1), stock(10))
+        out = book.apply([update(key, i, **values) for i, (key, values) in enumerate(_EDGE_CASES[case])])
+        return repr((out.rows, out.model_rows, book.bad_events, book.portfolio())), out.rows
+
+    fast, rows = run()
+    with mock.patch.object(book_module, "_apply_updates", None):
+        assert run()[0] == fast
+    if case == "underlying-bid-zero":  # the underlying's price: no mid of a zero bid, its last
+        assert rows[-1].underlying_price == 2.0
