@@ -19,7 +19,7 @@ from normalize.events import InstrumentUpdate
 from normalize.tastytrade import map_feed
 
 from .db.rows import row
-from .normalize.test_book import CALL, GREEKS, PUT, NOW, book_with, option, stock
+from .normalize.test_book import CALL, GREEKS, NOW, PUT, book_with, option, stock
 
 
 def _rounds() -> Callable[[], None]:
