@@ -305,7 +305,7 @@ try:  # the optional C fast path of copy_chunk (built by pip where a C compiler 
     from db._speedups import copy_rows as _copy_rows
 except ImportError:  # pragma: no cover - a machine without a C compiler
     _copy_rows = None  # type: ignore[assignment]
-SPEEDUPS = _copy_rows is not None  # reported in the writer's status (``speedups``)
+SPEEDUPS = _copy_rows is not None  # with normalize.book.SPEEDUPS: the status's runtime.speedups
 
 
 def pg_timestamp_us(ts: float) -> int:

@@ -318,12 +318,12 @@ _STR_TYPE: Final = frozenset({str})
 _NUMBER_TYPES: Final = frozenset({int, float, type(None)})
 _SCALAR_TYPES: Final = frozenset({int, float, str, bool, type(None)})
 _new_tuple = tuple.__new__
+_PAD: Final[list[None]] = [None]  # appended to a row: the slot absent fields read
 
 try:  # the optional C fast path of decode_compact (normalize/_speedups.c)
     from normalize._speedups import compact_events as _compact_events
 except ImportError:  # pragma: no cover - a machine without a C compiler
     _compact_events = None  # type: ignore[assignment]
-_PAD: Final[list[None]] = [None]  # appended to a row: the slot absent fields read
 
 
 class _Layout:
