@@ -105,6 +105,7 @@ class Run:
     db_commit_latency_ms: dict[str, float] | None = None
     own_latency_ms: dict[str, float] | None = None  # the contestant's own figure, whole run
     event_loop: str | None = None  # the contestant's asyncio loop: "uvloop" or "asyncio"
+    speedups: bool | None = None  # the engine's C fast paths in use (its runtime.speedups)
     profile: dict[str, object] | None = None
     error: str | None = None
 
@@ -550,6 +551,7 @@ def _engine_numbers(result: Run, doc: dict[str, Any]) -> None:
     normalizer = doc.get("actors", {}).get("normalizer", {})
     result.conflated = int(normalizer.get("conflated_total", 0) or 0)
     result.event_loop = doc.get("runtime", {}).get("event_loop")
+    result.speedups = doc.get("runtime", {}).get("speedups")
     errors = [f"{n}: {a.get('last_error')}" for n, a in doc.get("actors", {}).items() if a.get("restarts")]
     if errors:
         result.error = "; ".join(errors)
