@@ -93,10 +93,9 @@ def expiry_close_ts(expiry: date) -> float:
 
 @dataclass(slots=True)
 class _Holder:
-    """One open position as the fan-out sees it: the row prefix and the exposure factor."""
+    """One open position as the portfolio sees it: the position and its exposure factor."""
 
     position: UnifiedPosition
-    prefix: tuple[Any, ...]  # GreeksSnapshot fields broker .. quantity
     factor: float  # quantity x multiplier
 
 
@@ -124,7 +123,8 @@ class _Instrument:
 
     state: dict[str, float | None] = field(default_factory=dict)
     holders: list[_Holder] = field(default_factory=list)  # open positions in it (non-zero quantity)
-    fan: tuple[tuple[tuple[Any, ...], float], ...] = ()  # (prefix, factor) of each holder (the C path)
+    # per holder, what its rows are made of: (GreeksSnapshot fields broker .. quantity, factor)
+    fan: tuple[tuple[tuple[Any, ...], float], ...] = ()
     contract: _Contract | None = None  # set while it has holders
     feeds_price: bool = False
     price: float | None = None
@@ -246,6 +246,7 @@ class Book:
 
     def _rebuild(self, broker: str, instrument: str) -> None:
         holders: list[_Holder] = []
+        fan: list[tuple[tuple[Any, ...], float]] = []
         for (b, _account), positions in self._accounts.items():
             if b != broker:
                 continue
@@ -265,10 +266,12 @@ class Book:
                 multiplier,
                 p.quantity,
             )
-            holders.append(_Holder(p, prefix, p.quantity * multiplier))
+            factor = float(p.quantity * multiplier)
+            holders.append(_Holder(p, factor))
+            fan.append((prefix, factor))
         rec = self._record((broker, instrument))
         rec.holders = holders
-        rec.fan = tuple((h.prefix, float(h.factor)) for h in holders)
+        rec.fan = tuple(fan)
         if not holders:
             rec.contract = None
             return
@@ -352,12 +355,11 @@ class Book:
         )  # fmt: skip
         seq = u.seq
         append = rows.append
-        for h in holders:
-            f = h.factor
+        for prefix, f in rec.fan:
             append(
                 _new_row(
                     GreeksSnapshot,
-                    h.prefix
+                    prefix
                     + tail
                     + (
                         None if delta is None else delta * f,
