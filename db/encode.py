@@ -35,6 +35,15 @@ from db.batch import Batch, transpose
 from normalize.events import PositionsSnapshot, SessionEnded, SessionEvent, SessionStarted
 from normalize.model import SNAPSHOT_FIELDS, UnifiedPosition
 
+try:  # the optional C fast paths (db/_speedups.c, built by pip where a C compiler is found)
+    from db._speedups import copy_rows as _copy_rows
+    from db._speedups import newest_indexes as _newest_c
+    from db._speedups import position_ids as _position_ids_c
+except ImportError:  # pragma: no cover - a machine without a C compiler
+    _copy_rows = None  # type: ignore[assignment]
+    _newest_c = None  # type: ignore[assignment]
+    _position_ids_c = None  # type: ignore[assignment]
+
 # -- dimensions ---------------------------------------------------------------------------------
 
 POSITION_FIELDS: tuple[str, ...] = (
@@ -72,6 +81,13 @@ class Dimensions:
 
     def lookup(self, keys: Iterable[PositionKey]) -> list[int | None]:
         return list(map(self.positions.get, keys))
+
+    def lookup_rows(self, rows: Sequence[Any]) -> list[int | None] | None:
+        """The ids of the rows' positions (``lookup`` of their keys) without building the keys,
+        with ``db/_speedups.c``; None without it (or for rows it does not take)."""
+        if _position_ids_c is None or rows.__class__ is not list:
+            return None
+        return _position_ids_c(rows, len(POSITION_FIELDS), self.positions)
 
     def missing(self, keys: Iterable[PositionKey]) -> list[PositionKey]:
         """The unknown keys, once each, in one order every engine agrees on (``repr``), so that
@@ -169,10 +185,22 @@ def newest_indexes(cols: Columns, position_ids: Sequence[int]) -> list[int]:
     """Index of the newest row of each position: the greatest ``(event_ts, received_ts)``, the
     later row on a tie (``INSERT ... ON CONFLICT`` takes one row per key).
 
-    All in C: the row indexes sorted by time (a stable sort: on a tie the later row stays later;
-    rows mostly arrive in time order, which Timsort takes in one pass), then a dict from position
-    to index built in that order keeps each position's last, i.e. newest, row.
+    With ``db/_speedups.c``: one pass keeping each position's greatest and least ``(event_ts,
+    received_ts, index)``, then the positions sorted by the least. Without it (or for times that
+    are not floats), all in C-level Python: the row indexes sorted by time (a stable sort: on a
+    tie the later row stays later), then a dict from position to index built in that order
+    keeps each position's last, i.e. newest, row. Both list the positions in the order of their
+    oldest row.
     """
+    if _newest_c is not None:  # one pass in C; None: a value outside it (a non-float time)
+        found = _newest_c(cols[EVENT_TS], cols[RECEIVED_TS], position_ids)
+        if found is not None:
+            return found
+    return newest_indexes_py(cols, position_ids)
+
+
+def newest_indexes_py(cols: Columns, position_ids: Sequence[int]) -> list[int]:
+    """:func:`newest_indexes` in pure Python (the reference its C fast path is tested against)."""
     times = list(zip(cols[EVENT_TS], cols[RECEIVED_TS], strict=True))
     order = sorted(range(len(times)), key=times.__getitem__)
     return list(dict(zip(map(position_ids.__getitem__, order), order, strict=True)).values())
@@ -301,10 +329,6 @@ _RNE = 6755399441055744.0  # 1.5 * 2**52: adding and subtracting it rounds half 
 _FAST_MAX_S = 9.0e9
 _structs: dict[tuple[bool, ...], struct.Struct] = {}
 
-try:  # the optional C fast path of copy_chunk (built by pip where a C compiler is found)
-    from db._speedups import copy_rows as _copy_rows
-except ImportError:  # pragma: no cover - a machine without a C compiler
-    _copy_rows = None  # type: ignore[assignment]
 SPEEDUPS = _copy_rows is not None  # with normalize.book.SPEEDUPS: the status's runtime.speedups
 
 
@@ -513,9 +537,12 @@ class Prepared:
 
     def steps(self, dims: Dimensions, *, eager: bool) -> Iterator[None]:
         """Compute the encoding, yielding between its parts (once per COPY chunk)."""
-        self.keys = position_keys(self.cols)
-        yield
-        self.pids = dims.lookup(self.keys)
+        pids = dims.lookup_rows(self.batch.rows)
+        if pids is None or None in pids:  # the keys are needed (to create the unknown ones)
+            self.keys = position_keys(self.cols)
+            yield
+            pids = dims.lookup(self.keys)
+        self.pids = pids
         if None not in self.pids:
             yield
             yield from self._encode(eager)
@@ -750,7 +777,11 @@ FLOAT4_MAX = 3.4028234663852886e38
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+    """A finite number a float8 column can hold (an int beyond the float range cannot)."""
+    try:
+        return isinstance(value, int | float) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def position_ok(p: UnifiedPosition) -> bool:

@@ -14,6 +14,11 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+try:  # the optional C fast path (db/_speedups.c, built by pip where a C compiler is found)
+    from db._speedups import count_values as _count_values
+except ImportError:  # pragma: no cover - a machine without a C compiler
+    _count_values = None  # type: ignore[assignment]
+
 SUB_BITS = 6
 _SUB = 1 << SUB_BITS  # 64
 _HALF = _SUB >> 1  # 32 buckets per power of two above _SUB
@@ -168,11 +173,16 @@ class LatencyTracker:
         """Record ``committed_at - r`` for every receive time ``r`` in ``received``.
 
         Per batch, not per row: the rows of a batch share a handful of receive times (one per
-        broker frame), so the distinct times are counted first (``Counter``, in C) and each is
-        converted and bucketed once, with its count.
+        broker frame), so the distinct times are counted first (``Counter``, in C; with
+        ``db/_speedups.c`` a run of equal times at once) and each is converted and bucketed
+        once, with its count.
         """
         self._rotate(committed_at)
-        counted = [(int((committed_at - r) * 1_000_000), n) for r, n in Counter(received).items()]
+        if _count_values is not None and received.__class__ in (tuple, list):
+            distinct = _count_values(received)  # a run of equal times (a frame's rows) at once
+        else:
+            distinct = Counter(received)
+        counted = [(int((committed_at - r) * 1_000_000), n) for r, n in distinct.items()]
         self.total.record_counted_us(counted)
         self._ring[0].record_counted_us(counted)
 

@@ -78,8 +78,18 @@ def encode_batch(batch: Batch) -> bytes:
         doc["pid"] = batch.pid
     if batch.engine_host is not None:
         doc["host"] = batch.engine_host
-    payload = orjson.dumps(doc)
+    try:
+        payload = orjson.dumps(doc)
+    except TypeError:  # an int beyond 64 bits (a bad row on its way to rejected/): kept as text
+        doc["rows"] = [[_json_safe(v) for v in r] for r in doc["rows"]]
+        payload = orjson.dumps(doc)
     return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return str(value)
+    return value
 
 
 def _encode_session(event: SessionEvent) -> dict[str, Any]:
