@@ -10,9 +10,10 @@ from collections.abc import Callable
 import pytest
 
 from actors.tastytrade.protocol import EVENT_FIELDS, FeedData, _Layout, decode_compact
-from db.batch import transpose
+from db.batch import clean_rows, transpose
 from db.encode import SPEEDUPS as COPY_SPEEDUPS
-from db.encode import copy_chunk
+from db.encode import Dimensions, copy_chunk, newest_indexes, row_position_key
+from db.latency import LatencyTracker
 from normalize.book import SPEEDUPS as BOOK_SPEEDUPS
 from normalize.book import Book
 from normalize.events import InstrumentUpdate
@@ -41,10 +42,18 @@ def _rounds() -> Callable[[], None]:
         }  # fmt: skip
         values.extend(event.values())
     symbols = {".S0": "K0", ".S1": "K1"}
+    dims = Dimensions()
+    dims.add({row_position_key(r): i for i, r in enumerate(rows[:30])})  # some rows unknown
+    tracker = LatencyTracker()
 
     def one() -> None:
         book.apply(list(updates))
         copy_chunk(cols, pids)
+        cleaned = clean_rows(list(rows))  # transpose and the finiteness check
+        found = dims.lookup_rows(cleaned.rows)
+        assert found is not None
+        newest_indexes(cleaned.columns or cols, pids)
+        tracker.record_commit(cols[11], 1_700_000_001.0)  # distinct receive times
         events, _ = decode_compact(layout, values)
         out: list[InstrumentUpdate] = []
         map_feed(FeedData(1, "Greeks", events, layout.fields), symbols, 1.0, out.append)
