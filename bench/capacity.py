@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,13 @@ def search(
                 hi = rate
                 break
             best, lo = r, rate
+        top = math.floor(ceiling / 100) * 100  # the feed's ceiling itself, when doubling stops short of it
+        if hi is None and top > lo:
+            r = trial(top)
+            if r.sustained(top):
+                best, lo = r, top
+            else:
+                hi = top
     else:
         hi = rate
         while rate / 2 >= FLOOR:
