@@ -20,6 +20,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* T_OBJECT_EX, READONLY: the slots of the book's records */
 
 #define TAIL 13
 #define PREFIX 10
@@ -164,9 +165,82 @@ fail:
     return FAILED;
 }
 
+/* The book's records (_Instrument, _Contract: slotted dataclasses) are read and written through
+ * their slots directly: one pointer per attribute instead of a type lookup and a descriptor call
+ * (PyObject_GetAttr), about ten per update. The offsets are looked up once per apply_updates call
+ * (no state between calls), from the member descriptors of the record's exact type, and used only
+ * while that type is unchanged (its version tag) and keeps the generic attribute access; anything
+ * else takes PyObject_GetAttr / PyObject_SetAttr as before. */
+enum { S_STATE, S_FEEDS_PRICE, S_PRICE, S_FAN, S_CONTRACT, S_LAST_ROW, S_SOURCE, N_REC };
+enum { S_STOCK_LIKE, S_UNDERLYING_RECORD, N_CONTRACT };
+#define MAX_SLOTS 8
+
+typedef struct {
+    PyTypeObject *type; /* borrowed: only compared (instances of it are held meanwhile) */
+    unsigned int tag;
+    int ok;
+    Py_ssize_t off[MAX_SLOTS];
+} slots_t;
+
+static int resolve_slots(slots_t *c, PyTypeObject *tp, PyObject *const *names, int n) {
+    if (c->type == tp) {
+        return c->ok && (tp->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) && tp->tp_version_tag == c->tag;
+    }
+    c->type = tp;
+    c->ok = 0;
+    if (tp->tp_getattro != PyObject_GenericGetAttr || tp->tp_setattro != PyObject_GenericSetAttr) {
+        return 0;
+    }
+    for (int i = 0; i < n; i++) {
+        PyObject *d = _PyType_Lookup(tp, names[i]); /* borrowed; assigns the version tag */
+        if (d == NULL || !Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+            return 0;
+        }
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type != T_OBJECT_EX || (m->flags & READONLY)) {
+            return 0;
+        }
+        c->off[i] = m->offset;
+    }
+    if (!(tp->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) {
+        return 0;
+    }
+    c->tag = tp->tp_version_tag;
+    c->ok = 1;
+    return 1;
+}
+
+/* A new reference to o.<name>, from its slot when ``fast`` (an unset slot: GetAttr raises). */
+static inline PyObject *attr(PyObject *o, const slots_t *c, int fast, int i, PyObject *name) {
+    if (fast) {
+        PyObject *v = *(PyObject **)((char *)o + c->off[i]);
+        if (v != NULL) {
+            Py_INCREF(v);
+            return v;
+        }
+    }
+    return PyObject_GetAttr(o, name);
+}
+
+static inline int set_attr(PyObject *o, const slots_t *c, int fast, int i, PyObject *name, PyObject *v) {
+    if (fast) {
+        PyObject **p = (PyObject **)((char *)o + c->off[i]);
+        PyObject *old = *p;
+        Py_INCREF(v);
+        *p = v;
+        Py_XDECREF(old);
+        return 0;
+    }
+    return PyObject_SetAttr(o, name, v);
+}
+
+typedef struct {
+    slots_t rec, contract;
+} records_t;
+
 /* One InstrumentUpdate, Book._update's whole work when it is the usual case. */
 static enum step apply_one(PyObject *instruments, PyObject *ev, PyObject *rows, PyTypeObject *row_type,
-                           PyObject *broker_src, PyObject *model_src) {
+                           PyObject *broker_src, PyObject *model_src, records_t *slots) {
     PyObject *values = PyTuple_GET_ITEM(ev, 5);
     if (!PyDict_CheckExact(values)) {
         return NOT_HANDLED;
@@ -184,10 +258,13 @@ static enum step apply_one(PyObject *instruments, PyObject *ev, PyObject *rows, 
         return NOT_HANDLED; /* a new instrument: the Python code creates its record */
     }
     Py_INCREF(rec);
+    PyObject *const rec_names[N_REC] = {A_STATE, A_FEEDS_PRICE, A_PRICE, A_FAN, A_CONTRACT, A_LAST_ROW, A_SOURCE};
+    const slots_t *rs = &slots->rec;
+    int fast = resolve_slots(&slots->rec, Py_TYPE(rec), rec_names, N_REC);
     enum step result = FAILED;
     PyObject *state = NULL, *fan = NULL, *contract = NULL, *stock_like = NULL, *und_rec = NULL, *und_fb = NULL;
     PyObject *price = NULL;
-    state = PyObject_GetAttr(rec, A_STATE);
+    state = attr(rec, rs, fast, S_STATE, A_STATE);
     if (state == NULL) {
         goto done;
     }
@@ -199,7 +276,7 @@ static enum step apply_one(PyObject *instruments, PyObject *ev, PyObject *rows, 
         goto done;
     }
     int feeds;
-    PyObject *feeds_o = PyObject_GetAttr(rec, A_FEEDS_PRICE);
+    PyObject *feeds_o = attr(rec, rs, fast, S_FEEDS_PRICE, A_FEEDS_PRICE);
     if (feeds_o == NULL) {
         goto done;
     }
@@ -211,11 +288,11 @@ static enum step apply_one(PyObject *instruments, PyObject *ev, PyObject *rows, 
             result = s;
             goto done;
         }
-        if (PyObject_SetAttr(rec, A_PRICE, price) < 0) {
+        if (set_attr(rec, rs, fast, S_PRICE, A_PRICE, price) < 0) {
             goto done;
         }
     }
-    fan = PyObject_GetAttr(rec, A_FAN);
+    fan = attr(rec, rs, fast, S_FAN, A_FAN);
     if (fan == NULL) {
         goto done;
     }
@@ -227,7 +304,7 @@ static enum step apply_one(PyObject *instruments, PyObject *ev, PyObject *rows, 
         result = DONE;
         goto done;
     }
-    contract = PyObject_GetAttr(rec, A_CONTRACT);
+    contract = attr(rec, rs, fast, S_CONTRACT, A_CONTRACT);
     if (contract == NULL) {
         goto done;
     }
@@ -235,22 +312,25 @@ static enum step apply_one(PyObject *instruments, PyObject *ev, PyObject *rows, 
         result = NOT_HANDLED;
         goto done;
     }
-    stock_like = PyObject_GetAttr(contract, A_STOCK_LIKE);
-    und_rec = PyObject_GetAttr(contract, A_UNDERLYING_RECORD);
+    PyObject *const contract_names[N_CONTRACT] = {A_STOCK_LIKE, A_UNDERLYING_RECORD};
+    int cfast = resolve_slots(&slots->contract, Py_TYPE(contract), contract_names, N_CONTRACT);
+    stock_like = attr(contract, &slots->contract, cfast, S_STOCK_LIKE, A_STOCK_LIKE);
+    und_rec = attr(contract, &slots->contract, cfast, S_UNDERLYING_RECORD, A_UNDERLYING_RECORD);
     if (stock_like == NULL || und_rec == NULL) {
         goto done;
     }
     if (und_rec == Py_None) {
         und_fb = Py_None;
         Py_INCREF(und_fb);
-    } else if ((und_fb = PyObject_GetAttr(und_rec, A_PRICE)) == NULL) {
+    } else if ((und_fb = attr(und_rec, rs, fast && Py_TYPE(und_rec) == rs->type, S_PRICE, A_PRICE)) == NULL) {
         goto done;
     }
     PyObject *last_row = NULL, *source = NULL;
     result = fan_out(state, ev, stock_like == Py_True, und_fb, fan, rows, row_type, broker_src, model_src, &last_row,
                      &source);
     if (result == DONE &&
-        (PyObject_SetAttr(rec, A_LAST_ROW, last_row) < 0 || PyObject_SetAttr(rec, A_SOURCE, source) < 0)) {
+        (set_attr(rec, rs, fast, S_LAST_ROW, A_LAST_ROW, last_row) < 0 ||
+         set_attr(rec, rs, fast, S_SOURCE, A_SOURCE, source) < 0)) {
         result = FAILED;
     }
 done:
@@ -290,13 +370,14 @@ static PyObject *apply_updates(PyObject *self, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     Py_ssize_t i = start < 0 ? 0 : start, handled = 0;
+    records_t slots = {{NULL, 0, 0, {0}}, {NULL, 0, 0, {0}}};
     for (; i < PyList_GET_SIZE(events); i++) {
         PyObject *ev = PyList_GET_ITEM(events, i);
         if (Py_TYPE(ev) != (PyTypeObject *)update_type || PyTuple_GET_SIZE(ev) != 6) {
             break;
         }
         Py_INCREF(ev);
-        enum step s = apply_one(instruments, ev, rows, (PyTypeObject *)row_type, broker_src, model_src);
+        enum step s = apply_one(instruments, ev, rows, (PyTypeObject *)row_type, broker_src, model_src, &slots);
         Py_DECREF(ev);
         if (s == FAILED) {
             return NULL;

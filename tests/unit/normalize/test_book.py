@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, ClassVar
 from unittest import mock
 
 import pytest
@@ -486,3 +487,54 @@ def test_c_fast_path_edge_cases_match_the_python_code(case: str) -> None:
         assert run()[0] == fast
     if case == "underlying-bid-zero":  # the underlying's price: no mid of a zero bid, its last
         assert rows[-1].underlying_price == 2.0
+
+
+class _WatchedInstrument(book_module._Instrument):
+    """A record type with its own attribute access: the C fast path must not read its slots
+    directly (it goes through getattr / setattr, which count here)."""
+
+    __slots__ = ()
+    reads: ClassVar[Counter[str]] = Counter()
+
+    def __getattribute__(self, name: str) -> Any:
+        _WatchedInstrument.reads[name] += 1
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _WatchedInstrument.reads["set " + name] += 1
+        object.__setattr__(self, name, value)
+
+
+@pytest.mark.skipif(not SPEEDUPS, reason="normalize._speedups not built (no C compiler)")
+def test_c_fast_path_reads_the_slots_of_plain_records_only() -> None:
+    # The usual records (slotted dataclasses) are read and written through their slots; a record
+    # type that overrides attribute access gets its getattr / setattr, and the same rows.
+    def run(watched: bool) -> str:
+        book = book_with(option(CALL, 2), option(CALL, -1, account="U2"), stock(10))
+        if watched:
+            for key, rec in list(book._instruments.items()):
+                twin = _WatchedInstrument()
+                for name in book_module._Instrument.__slots__:
+                    object.__setattr__(twin, name, getattr(rec, name))
+                book._instruments[key] = twin
+            for rec in book._instruments.values():  # the underlying record the options point at
+                contract = object.__getattribute__(rec, "contract")
+                if contract is not None and contract.underlying_record is not None:
+                    contract.underlying_record = book._instruments[("ibkr", "SPY")]
+        out = book.apply(
+            [
+                update("SPY", 1, bid=500.0, ask=500.2),
+                update(CALL, 2, bid=1.0, ask=1.2, **GREEKS),
+                update(CALL, 3, mark=1.15, **GREEKS),
+            ]
+        )
+        return repr((out.rows, book.portfolio()))
+
+    _WatchedInstrument.reads.clear()
+    plain = run(watched=False)
+    assert not _WatchedInstrument.reads
+    assert run(watched=True) == plain
+    reads = _WatchedInstrument.reads
+    assert reads["state"] >= 3, reads
+    assert reads["fan"] >= 3, reads
+    assert reads["set last_row"] >= 3, reads
