@@ -555,7 +555,9 @@ done:
  * runs (the receive times of a batch: one per broker frame): a run of identical objects, or of
  * equal floats, costs one dictionary update instead of one per value. */
 static PyObject *count_values(PyObject *self, PyObject *values) {
-    PyObject *fast = PySequence_Fast(values, "count_values: values must be a sequence");
+    /* A tuple (a copy of anything else): the dictionary updates below may run a value's __eq__,
+     * which must not be able to change what is being counted. */
+    PyObject *fast = PySequence_Tuple(values);
     if (fast == NULL) {
         return NULL;
     }
@@ -580,7 +582,7 @@ static PyObject *count_values(PyObject *self, PyObject *values) {
                 j++;
             }
         }
-        /* v is held by ``fast`` (a list or tuple we own a reference to) */
+        /* v is held by ``fast`` (a tuple we own a reference to) */
         PyObject *old = PyDict_GetItemWithError(counts, v);
         if (old == NULL && PyErr_Occurred()) {
             goto fail;

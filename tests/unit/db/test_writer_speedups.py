@@ -293,3 +293,19 @@ def test_record_commit_with_and_without_the_c_count(received: list[float], commi
         slow.total.sum_us,
         slow.total.max_us,
     )
+
+
+def test_count_values_counts_what_it_was_given_when_an_eq_changes_the_list() -> None:
+    values: list[Any] = []
+
+    class Meddler:
+        def __hash__(self) -> int:
+            return 1
+
+        def __eq__(self, other: object) -> bool:
+            values.clear()  # the list shrinks under the count: the count is of the input as given
+            return False
+
+    values.extend([Meddler(), Meddler(), 2.0, Meddler()])
+    counted = C.count_values(values)
+    assert sorted(counted.values()) == [1, 1, 1, 1]
