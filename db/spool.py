@@ -80,13 +80,16 @@ def encode_batch(batch: Batch) -> bytes:
         doc["host"] = batch.engine_host
     try:
         payload = orjson.dumps(doc)
-    except TypeError:  # an int beyond 64 bits (a bad row on its way to rejected/): kept as text
-        doc["rows"] = [[_json_safe(v) for v in r] for r in doc["rows"]]
-        payload = orjson.dumps(doc)
+    except TypeError:  # an int beyond 64 bits (bad data on its way to rejected/): kept as text
+        payload = orjson.dumps(_json_safe(doc))
     return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
 def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
     if isinstance(value, int) and not -(2**63) <= value < 2**64:
         return str(value)
     return value

@@ -304,8 +304,11 @@ def test_an_unknown_asset_class_is_kept_as_text() -> None:
 def test_a_row_with_an_int_beyond_64_bits_is_kept_as_text() -> None:
     # Such a row is set aside (rejected/) rather than stored: its frame must still be written.
     bad = row(1)._replace(seq=2**64, quantity=10**400)
-    batch = Batch(uuid.uuid4(), [row(0), bad])
+    held = UnifiedPosition("ibkr", "U1", "SPY", "SPY", AssetClass.STOCK, None, None, None, 1.0, 10**30, None)
+    snapshot = PositionsSnapshot("ibkr", ("U1",), (held,), 1_700_000_000.0)
+    batch = Batch(uuid.uuid4(), [row(0), bad], (snapshot,))
     (back,) = decode_frames(encode_batch(batch)).batches
     assert back.rows[0] == row(0)
     assert back.rows[1].seq == str(2**64)
     assert back.rows[1].quantity == str(10**400)
+    assert back.positions[0].positions[0].quantity == str(10**30)
