@@ -176,6 +176,28 @@ async def test_rejected_batch_is_kept_aside(dsn: str, db_settings: DatabaseSetti
     assert list((db_settings.spool_dir / "rejected").glob("spool-*.seg"))
 
 
+async def test_ints_beyond_the_float_range_are_set_aside(
+    dsn: str, db_settings: DatabaseSettings
+) -> None:
+    """A quantity no float8 holds sets its row aside (kept in rejected/), such a Greek is cleared:
+    the writer keeps going (it crashed on both before)."""
+    huge_quantity = snapshot(1)._replace(quantity=10**400)
+    huge_delta = snapshot(2)._replace(delta=-(10**400))
+    harness = WriterHarness(db_settings, dsn)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            async with harness.send:
+                await harness.send.send([huge_quantity, huge_delta, snapshot(3)])
+
+    assert harness.status["nonfinite_values"] == 1
+    assert harness.status["rejected_rows"] == 1
+    assert harness.status["rows_total"] == 2
+    assert list((db_settings.spool_dir / "rejected").glob("spool-*.seg"))
+    stored = await fetch(dsn, "SELECT seq, delta FROM greeks_history_wide ORDER BY seq")
+    assert [(r["seq"], r["delta"]) for r in stored] == [(2, None), (3, snapshot(3).delta)]
+
+
 async def test_nan_values_are_stored_as_no_value_and_counted(dsn: str, db_settings: DatabaseSettings) -> None:
     """A NaN Greek is stored as NULL (never a NaN that poisons portfolio sums); a NaN time is set aside."""
     import math
