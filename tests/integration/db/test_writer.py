@@ -176,9 +176,7 @@ async def test_rejected_batch_is_kept_aside(dsn: str, db_settings: DatabaseSetti
     assert list((db_settings.spool_dir / "rejected").glob("spool-*.seg"))
 
 
-async def test_ints_beyond_the_float_range_are_set_aside(
-    dsn: str, db_settings: DatabaseSettings
-) -> None:
+async def test_ints_beyond_the_float_range_are_set_aside(dsn: str, db_settings: DatabaseSettings) -> None:
     """A quantity no float8 holds sets its row aside (kept in rejected/), such a Greek is cleared:
     the writer keeps going (it crashed on both before)."""
     huge_quantity = snapshot(1)._replace(quantity=10**400)
