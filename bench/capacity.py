@@ -5,8 +5,8 @@
 For each contestant, trials of ``--seconds`` at rising rates (doubling from a starting rate,
 halving when the start already fails; a contestant that sustains every doubling below the
 feed's ceiling then tries the ceiling itself), then ``--refine`` bisection steps between the
-last rate sustained and the first one not. A trial is sustained when the feed offered at least 97 % of the
-rate (the contestant held nothing back through TCP backpressure), nothing was lost, everything
+last rate sustained and the first one not. A trial is sustained when the feed offered at least
+97 % of the rate (the contestant held nothing back through TCP backpressure), nothing was lost, everything
 was committed within the drain limit, commits kept pace with the feed while it streamed and
 p99 stayed under 500 ms
 (:meth:`bench._harness.Run.sustained`). The feed's own ceiling (a bare consumer,

@@ -1,7 +1,10 @@
-/* db._speedups: the binary COPY rows of greeks_history in C (optional; db.encode falls back to
- * its pure-Python encoder when this module is absent).
+/* db._speedups: the writer's per-row work in C (optional; db.batch, db.encode and db.latency fall
+ * back to their pure-Python code when this module is absent): the binary COPY rows of
+ * greeks_history (copy_rows, below), and per batch the rows by column (transpose), the
+ * finiteness check (all_finite), the position ids (position_ids), the newest row per position
+ * (newest_indexes) and the distinct receive times (count_values), each described where defined.
  *
- * Rules: pure. Values in, bytes out: no I/O, no clock, no state between calls.
+ * Rules: pure. Values in, values out: no I/O, no clock, no state between calls.
  *
  * copy_rows(columns, start, end) takes the 17 columns of db.encode.HISTORY_COLUMNS (the position
  * ids as the tenth, the Greeks source as its text "broker" / "model" / None) and returns the rows

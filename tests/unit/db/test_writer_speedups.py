@@ -5,6 +5,7 @@ for, on the engine's values and on anything else (where they must decline or agr
 from __future__ import annotations
 
 import math
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from db import batch as dbbatch
 from db import encode, latency
-from db.batch import _CHECKED_IDX, clean_rows, transpose
+from db.batch import _CHECKED_IDX, Batch, clean_rows, transpose
 from db.encode import (
     POSITION_FIELDS,
     SPEEDUPS,
@@ -205,20 +206,19 @@ def test_position_ids_pass_on_an_unhashable_key_error() -> None:
 
 
 def test_prepared_builds_the_keys_only_for_unknown_positions() -> None:
-    rows = [row(i) for i in range(6)]
+    rows = [row(i) for i in range(6)]  # six positions
+    assert len(set(map(row_position_key, rows))) == 6
     dims = Dimensions()
     dims.add({row_position_key(r): i + 1 for i, r in enumerate(rows[:3])})
-    dims.add({row_position_key(r): 1 for r in rows[3:] if row_position_key(r) in dims.positions})
-    unknown = [r for r in rows if row_position_key(r) not in dims.positions]
-    prepared = Prepared(dbbatch.Batch(__import__("uuid").uuid4(), rows), dims, 2000).run(dims)
-    if unknown:
-        assert prepared.keys == list(map(row_position_key, rows))
-        assert set(prepared.missing(dims)) == set(map(row_position_key, unknown))
+    prepared = Prepared(Batch(uuid.uuid4(), rows), dims, 2000).run(dims)
+    assert prepared.keys == list(map(row_position_key, rows))
+    assert prepared.pids == [1, 2, 3, None, None, None]
+    assert set(prepared.missing(dims)) == set(map(row_position_key, rows[3:]))
     all_known = Dimensions()
     all_known.add({row_position_key(r): i + 1 for i, r in enumerate(rows)})
-    done = Prepared(dbbatch.Batch(__import__("uuid").uuid4(), rows), all_known, 2000).run(all_known)
+    done = Prepared(Batch(uuid.uuid4(), rows), all_known, 2000).run(all_known)
     assert done.keys == []  # the C lookup needed no keys
-    assert done.pids == [all_known.positions[row_position_key(r)] for r in rows]
+    assert done.pids == [1, 2, 3, 4, 5, 6]
     assert done.missing(all_known) == []
 
 
