@@ -538,3 +538,33 @@ def test_c_fast_path_reads_the_slots_of_plain_records_only() -> None:
     assert reads["state"] >= 3, reads
     assert reads["fan"] >= 3, reads
     assert reads["set last_row"] >= 3, reads
+
+
+class _Account(str):
+    """An account name of a str subclass with instance attributes: a garbage-collected object."""
+
+    note: str
+
+
+@pytest.mark.skipif(not SPEEDUPS, reason="normalize._speedups not built (no C compiler)")
+def test_c_rows_of_atomic_values_are_not_tracked_by_the_garbage_collector() -> None:
+    # A row holds str, float, int, None and date values only: it can be in no reference cycle,
+    # so the C path untracks it (CPython untracks such plain tuples itself, never a NamedTuple's)
+    # and the collector never walks a backlog of pending rows. A row holding a collected object
+    # stays tracked, as before; the Python path's rows are left as they are.
+    import gc
+
+    account = _Account("U2")
+    account.note = "a collected object"
+    assert gc.is_tracked(account)
+    book = book_with(option(CALL, 2), option(CALL, -1, account=account))  # type: ignore[arg-type]
+    rows = book.apply([update(CALL, 1, bid=1.0, ask=1.2, **GREEKS)]).rows
+    assert [r.account for r in rows] == ["U1", "U2"]
+    plain, collected = rows
+    assert not gc.is_tracked(plain)
+    assert gc.is_tracked(collected)
+    assert plain.expiry == EXPIRY and plain.seq == 1 and plain.greeks_source == "broker"
+    with mock.patch.object(book_module, "_apply_updates", None):
+        python_rows = book.apply([update(CALL, 2, bid=1.0, ask=1.2, **GREEKS)]).rows
+    assert all(gc.is_tracked(r) for r in python_rows)
+    assert [r._replace(seq=1) for r in python_rows] == rows
