@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from db.batch import Batch
 from db.encode import MATRIX_ROWS, Dimensions, PendingLatest, Prepared, row_position_key
@@ -77,3 +79,52 @@ def test_a_newer_row_in_a_later_batch_replaces_the_pending_one() -> None:
     _, seqs, batch_ids = pending.params()
     assert seqs == [1]
     assert len(batch_ids) == 3
+
+
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(st.integers(0, 5), st.sampled_from([1.0, 2.0, 3.0]), st.sampled_from([0.0, 0.5])),
+            min_size=0,
+            max_size=8,
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_the_flush_carries_each_positions_newest_row_over_all_batches(
+    batches: list[list[tuple[int, float, float]]],
+) -> None:
+    # Each position's row in the flush is the one the upsert would keep applying the batches in
+    # order: the greatest (event_ts, received_ts), the later batch and the later row on a tie;
+    # every field the statement reads comes from that row, whatever batch it is in.
+    dims = Dimensions()
+    pending = PendingLatest()
+    expected: dict[float, tuple[tuple[float, float], int, float, float]] = {}
+    seq = 0
+    for b, spec in enumerate(batches, 1):
+        rows = []
+        for instrument, ts, later in spec:
+            r = snapshot(instrument, ts=ts, n_instruments=6)._replace(
+                received_ts=ts + later, seq=seq, bid=float(seq), greeks_source=("broker", "model")[seq % 2]
+            )
+            rows.append(r)
+            pid = float(500 + instrument)
+            if pid not in expected or (ts, ts + later) >= expected[pid][0]:
+                expected[pid] = ((ts, ts + later), seq, float(b), float(seq))
+            seq += 1
+        pending.add(_prepared(rows, dims), now=0.0)
+    matrix, seqs, batch_ids = pending.params()
+    assert len(batch_ids) == len(batches)
+    if not expected:
+        assert (matrix, seqs) == ([], [])
+        return
+    bid = MATRIX_ROWS.index("bid")
+    source = MATRIX_ROWS.index("greeks_source")
+    got = {
+        pid: ((matrix[1][i], matrix[2][i]), seqs[i], matrix[-1][i], matrix[bid][i])
+        for i, pid in enumerate(matrix[0])
+    }
+    assert len(got) == len(matrix[0])  # one row per position
+    assert got == expected
+    assert all(matrix[source][i] == (1.0, 2.0)[seqs[i] % 2] for i in range(len(seqs)))
