@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from datetime import UTC, date, datetime
 from typing import Any, ClassVar
@@ -552,8 +553,6 @@ def test_c_rows_of_atomic_values_are_not_tracked_by_the_garbage_collector() -> N
     # so the C path untracks it (CPython untracks such plain tuples itself, never a NamedTuple's)
     # and the collector never walks a backlog of pending rows. A row holding a collected object
     # stays tracked, as before; the Python path's rows are left as they are.
-    import gc
-
     account = _Account("U2")
     account.note = "a collected object"
     assert gc.is_tracked(account)
@@ -563,7 +562,7 @@ def test_c_rows_of_atomic_values_are_not_tracked_by_the_garbage_collector() -> N
     plain, collected = rows
     assert not gc.is_tracked(plain)
     assert gc.is_tracked(collected)
-    assert plain.expiry == EXPIRY and plain.seq == 1 and plain.greeks_source == "broker"
+    assert (plain.expiry, plain.seq, plain.greeks_source) == (EXPIRY, 1, "broker")
     with mock.patch.object(book_module, "_apply_updates", None):
         python_rows = book.apply([update(CALL, 2, bid=1.0, ask=1.2, **GREEKS)]).rows
     assert all(gc.is_tracked(r) for r in python_rows)
