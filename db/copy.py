@@ -2,7 +2,7 @@
 
 Two write paths, chosen per batch (the threshold measured: client plus server CPU per row):
 
-- **One statement** (batches below ``copy_min_rows`` rows, 1,000, whose positions are all known): one
+- **One statement** (batches below ``copy_min_rows`` rows, 500, whose positions are all known): one
   ``INSERT ... SELECT FROM unnest(...)`` with the ledger row and the latest-state upsert as CTEs,
   sent outside any explicit transaction: one round trip, atomic, committed on return
   (``synchronous_commit`` on). A duplicate batch id makes it a no-op.
@@ -39,12 +39,12 @@ from normalize.events import PositionsSnapshot
 # against 6.6 / 7.2 us; 250 rows 2.9 / 6.6 against 3.8 / 4.7; 400 rows 2.5 / 5.9 against 2.6 /
 # 5.0; 600 rows 2.3 / 5.8 against 2.3 / 4.9; 1,000 rows 2.4 / 7.7 against 2.0 / 5.8. The server
 # is cheaper by COPY from 250 rows on, the client from about 500 (the threshold was 2,000 while
-# the COPY stream was built in Python). But COPY takes four round trips (BEGIN, the ledger and
-# latest statement, the COPY, COMMIT) against one, each an event-loop round under load, when
-# batches of several hundred rows are the ones formed while the writer is behind: from 1,000 rows
-# on, where both sides are clearly cheaper (about 2 ms of server time saved a batch), and not
-# below, where the saving is about what the three more round trips may cost in latency.
-COPY_MIN_ROWS = 1000
+# the COPY stream was built in Python). COPY takes four round trips (BEGIN, the ledger and latest
+# statement, the COPY, COMMIT) against one, but in the engine that cost nothing measurable: 500
+# against 1,000 in interleaved `python -m bench pipeline` runs, engine CPU per tick lower in 5 of
+# 5 pairs (100,000 ticks/s: 6.79 / 7.12 / 6.54 against 7.17 / 7.22 / 6.70 us; 50,000: 12.65 /
+# 12.75 against 12.93 / 13.58), p50 lower in 4 of 5, p99 in 4 of 5.
+COPY_MIN_ROWS = 500
 
 
 def _exact_ts(x: str) -> str:
