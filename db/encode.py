@@ -602,6 +602,11 @@ class Prepared:
 # -- greeks_latest, deferred ----------------------------------------------------------------------
 
 
+def pending_positions(*pending: PendingLatest) -> int:
+    """Positions with a row pending in any of ``pending``."""
+    return len({pids[i] for p in pending for _, pids, newest in p.parts for i in newest})
+
+
 class PendingLatest:
     """The committed batches whose ``greeks_latest`` upsert was deferred
     (:attr:`Prepared.defer_latest`): their ids and the newest row of each of their positions,
@@ -625,7 +630,7 @@ class PendingLatest:
 
     def __len__(self) -> int:
         """Positions with a pending row."""
-        return len({pids[i] for _, pids, newest in self.parts for i in newest})
+        return pending_positions(self)
 
     def add(self, prepared: Prepared, now: float) -> None:
         """Take a committed deferred batch."""
@@ -633,6 +638,15 @@ class PendingLatest:
             self.since = now
         self.batch_ids.append(prepared.batch.batch_id)
         self.parts.append((prepared.cols, prepared.pids, prepared.newest))  # type: ignore[arg-type]
+
+    def requeue(self, earlier: PendingLatest) -> None:
+        """Put back ``earlier``'s batches (taken for a flush that failed) ahead of the ones
+        pending now: the next flush carries both, a newer row still winning."""
+        if not earlier:
+            return
+        self.parts[:0] = earlier.parts
+        self.batch_ids[:0] = earlier.batch_ids
+        self.since = earlier.since if self.since is None else min(self.since, earlier.since or self.since)
 
     def due(self, now: float, interval_s: float) -> bool:
         return self.since is not None and now - self.since >= interval_s

@@ -295,3 +295,59 @@ async def test_a_deferred_batch_stores_the_same_history(dsn: str, copy_min_rows:
         assert deferred["seq"] == plain["seq"] + 1000
         assert {**deferred, "seq": plain["seq"]} == plain
     assert stored[0]["event_ts"] == datetime.fromtimestamp(ts, UTC)
+
+
+async def _waiting_on_a_lock(dsn: str) -> int:
+    """The pid of the backend of this database that waits on a lock (bounded by fail_after)."""
+    sql = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    while (pid := await count(dsn, sql)) is None:  # noqa: ASYNC110 (the server's state: no event)
+        await anyio.sleep(0.01)
+    return int(pid)
+
+
+async def test_history_keeps_committing_while_a_latest_flush_waits(
+    dsn: str, db_settings: DatabaseSettings
+) -> None:
+    # Deferral forced, a 1 ms interval: every write makes the pending latest rows due. A lock on
+    # greeks_latest holds the flush, which runs on a connection of its own: the history batches
+    # that follow still commit (on one connection they waited behind the flush). The waiting
+    # flush's backend is then terminated: its rows go back and a later flush applies them with
+    # the newer ones, so at the end every position's latest row is its newest and no ledger mark
+    # is left.
+    settings = replace(db_settings, latest_interval_ms=1)
+    harness = WriterHarness(settings, dsn, kwargs={"latest_from_rows_s": 0.0, "pipeline": False})
+    base = time.time()
+    rows = [snapshot(i, ts=base + i * 1e-3, n_instruments=7) for i in range(100)]
+    await migrate(dsn)
+    blocker = await connect(dsn)
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                await tg.start(harness.run)
+                await harness.send.send(rows[:10])
+                await harness.wait_for(lambda s: s.get("rows_total", 0) == 10)
+                lock = blocker.transaction()
+                await lock.start()
+                await blocker.execute("LOCK TABLE greeks_latest IN EXCLUSIVE MODE")  # reads pass
+                await harness.send.send(rows[10:20])
+                flusher = await _waiting_on_a_lock(dsn)
+                for i in range(20, 60, 10):
+                    await harness.send.send(rows[i : i + 10])
+                    await harness.wait_for(lambda s, i=i: s["rows_total"] == i + 10)
+                assert harness.status["latest_pending_positions"] == 7
+                assert await count(dsn, MARKED) >= 5
+                assert await count(dsn, "SELECT pg_terminate_backend($1)", flusher)
+                await harness.wait_for(lambda s: bool(harness.events("latest_flush_failed")))
+                await lock.rollback()
+                for i in range(60, 100, 10):
+                    await harness.send.send(rows[i : i + 10])
+                await harness.wait_for(lambda s: (s["rows_total"], s["latest_pending_positions"]) == (100, 0))
+                harness.send.close()
+    finally:
+        await blocker.close()
+
+    assert [e.get("beside") for e in harness.events("latest_flush_failed")] == [True]
+    assert harness.status["latest_flushes"] >= 1
+    latest = {r["instrument"]: r["seq"] for r in await fetch(dsn, LATEST)}
+    assert latest == {k: seq for k, (seq, _) in _expected([rows]).items()}
+    assert await count(dsn, MARKED) == 0

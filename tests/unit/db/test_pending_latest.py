@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from db.batch import Batch
-from db.encode import MATRIX_ROWS, Dimensions, PendingLatest, Prepared, row_position_key
+from db.encode import MATRIX_ROWS, Dimensions, PendingLatest, Prepared, pending_positions, row_position_key
 from normalize.model import GreeksSnapshot
 
 from .rows import row
@@ -128,3 +128,25 @@ def test_the_flush_carries_each_positions_newest_row_over_all_batches(
     assert len(got) == len(matrix[0])  # one row per position
     assert got == expected
     assert all(matrix[source][i] == (1.0, 2.0)[seqs[i] % 2] for i in range(len(seqs)))
+
+
+def test_a_failed_flushs_rows_go_back_ahead_of_the_newer_ones() -> None:
+    # The flush beside the writes takes what is pending; when it fails its batches go back
+    # ahead of those added meanwhile, so that a newer row still wins and a tie still goes to the
+    # later batch; the oldest commit time stays the one the interval counts from.
+    dims = Dimensions()
+    taken = PendingLatest()
+    first = _prepared([snapshot(0, ts=2.0, n_instruments=2), snapshot(1, ts=5.0, n_instruments=2)], dims)
+    taken.add(first, now=10.0)
+    pending = PendingLatest()
+    pending.requeue(PendingLatest())  # nothing to put back
+    assert not pending
+    second = _prepared([snapshot(2, ts=3.0, n_instruments=2), snapshot(3, ts=5.0, n_instruments=2)], dims)
+    pending.add(second, now=11.0)
+    assert pending_positions(taken, pending) == 2
+    pending.requeue(taken)
+    assert pending.since == 10.0
+    matrix, seqs, batch_ids = pending.params()
+    assert batch_ids == [first.batch.batch_id, second.batch.batch_id]
+    assert dict(zip(matrix[0], seqs, strict=True)) == {500.0: 2, 501.0: 3}  # newer; a tie: later
+    assert len(pending) == 2
