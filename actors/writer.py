@@ -82,6 +82,7 @@ from supervisor.errors import FatalError
 from supervisor.spec import RunFn
 
 UPKEEP_INTERVAL_S = 3600.0
+MAX_FLUSH_FAILURES = 3  # latest flushes beside the writes failing in a row before a reconnect
 SMALL_BATCH_ROWS = 250  # encoded in one go, without yielding to the event loop (~0.3 ms)
 ENGINE_STOPPED = "engine_stopped"  # end_reason of the sessions the writer closes at its drain
 _received_ts = operator.attrgetter("received_ts")
@@ -220,6 +221,7 @@ class _Writer:
         self._in_flight: anyio.Event | None = None  # set once the direct write in flight is done
         self._flush_beside: anyio.Event | None = None  # set once the flush on flush_conn is done
         self._flushing: PendingLatest | None = None  # what that flush carries
+        self._flush_failures = 0  # flushes beside that failed in a row
         self._recovery_scope: anyio.CancelScope | None = None
         self._recovery_done = anyio.Event()
         self._spool_lost_seen = 0
@@ -409,10 +411,12 @@ class _Writer:
 
     def _latest_wait(self) -> float | None:
         """Seconds until the pending latest rows are due (None: none, or no direct path)."""
-        if not self.latest or not self.db_up or self.recovering:
+        if not self.db_up or self.recovering:
             return None
-        if self._flushing_beside():  # the next flush starts once this one is done: look again then
-            return max(self.latest_interval_s, 0.001)
+        if self._flushing_beside():  # look again then: the next flush starts once this one is
+            return max(self.latest_interval_s, 0.001)  # done (a failed one puts its rows back)
+        if not self.latest:
+            return None
         return self.latest.wait_s(self.clock(), self.latest_interval_s)
 
     async def _flush_latest(self) -> None:
@@ -473,16 +477,29 @@ class _Writer:
             self._drop_flush_conn()
             if not (dbcopy.is_database_down(exc) or isinstance(exc, asyncpg.PostgresError)):
                 raise
-            # Not applied: the rows go back ahead of the newer ones, for the next flush (their
-            # ledger marks stay until then; a reconnect of the writer repairs them instead).
-            self.latest.requeue(pending)
+            self._flush_failures += 1
             self.log.warning(
-                "latest_flush_failed", error=_err(exc), sqlstate=getattr(exc, "sqlstate", None), beside=True
+                "latest_flush_failed",
+                error=_err(exc),
+                sqlstate=getattr(exc, "sqlstate", None),
+                beside=True,
+                in_a_row=self._flush_failures,
             )
+            if self._flush_failures < MAX_FLUSH_FAILURES:
+                # Not applied: the rows go back ahead of the newer ones, for the next flush
+                # (their ledger marks stay until then).
+                self.latest.requeue(pending)
+            elif self.db_up and not self.recovering:
+                # Failing for good, it seems: the writer reconnects, and the reconnect repairs
+                # the pending rows from history (their marks), as when any write fails. The
+                # pending rows are not kept meanwhile, so they cannot pile up.
+                self._flush_failures = 0
+                self._go_down(exc, log=False)
         except BaseException:
             self._drop_flush_conn()  # cancelled mid-statement: the connection's state is unknown
             raise
         else:
+            self._flush_failures = 0
             self.latest_flushes += 1
             self._maybe_publish()
 

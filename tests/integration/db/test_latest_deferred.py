@@ -351,3 +351,48 @@ async def test_history_keeps_committing_while_a_latest_flush_waits(
     latest = {r["instrument"]: r["seq"] for r in await fetch(dsn, LATEST)}
     assert latest == {k: seq for k, (seq, _) in _expected([rows]).items()}
     assert await count(dsn, MARKED) == 0
+
+
+async def test_a_latest_flush_failing_again_and_again_sends_the_writer_through_a_repair(
+    dsn: str, db_settings: DatabaseSettings
+) -> None:
+    # Every flush beside the writes is held by a lock and its backend terminated: the first
+    # failures put the rows back, the third in a row sends the writer through a reconnect, whose
+    # repair (from the ledger marks and history) applies them once the lock is gone. Nothing
+    # piles up in memory meanwhile, and at the end every position's latest row is its newest.
+    settings = replace(db_settings, latest_interval_ms=1)
+    kwargs = {**FAST_RECONNECT, "latest_from_rows_s": 0.0, "pipeline": False}
+    harness = WriterHarness(settings, dsn, kwargs=kwargs)
+    base = time.time()
+    rows = [snapshot(i, ts=base + i * 1e-3, n_instruments=7) for i in range(40)]
+    await migrate(dsn)
+    blocker = await connect(dsn)
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                await tg.start(harness.run)
+                lock = blocker.transaction()
+                await lock.start()
+                await blocker.execute("LOCK TABLE greeks_latest IN EXCLUSIVE MODE")
+                for i in range(0, 40, 10):
+                    await harness.send.send(rows[i : i + 10])
+                await harness.wait_for(lambda s: s["rows_total"] == 40)
+                for failures in (1, 2, 3):
+                    flusher = await _waiting_on_a_lock(dsn)
+                    assert await count(dsn, "SELECT pg_terminate_backend($1)", flusher)
+                    await harness.wait_for(
+                        lambda s, n=failures: len(harness.events("latest_flush_failed")) == n
+                    )
+                await harness.wait_for(lambda s: s["state"] != "running")  # reconnecting
+                await lock.rollback()
+                await harness.wait_for(lambda s: s["state"] == "running" and s["latest_repaired_rows"] == 7)
+                harness.send.close()
+    finally:
+        await blocker.close()
+
+    assert [e["in_a_row"] for e in harness.events("latest_flush_failed")] == [1, 2, 3]
+    assert harness.status["latest_flushes"] == 0
+    assert harness.status["latest_pending_positions"] == 0
+    latest = {r["instrument"]: r["seq"] for r in await fetch(dsn, LATEST)}
+    assert latest == {k: seq for k, (seq, _) in _expected([rows]).items()}
+    assert await count(dsn, MARKED) == 0
