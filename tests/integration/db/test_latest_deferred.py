@@ -305,6 +305,17 @@ async def _waiting_on_a_lock(dsn: str) -> int:
     return int(pid)
 
 
+def _flushing_every_write(
+    dsn: str, db_settings: DatabaseSettings, n_rows: int, **kwargs: Any
+) -> tuple[WriterHarness, list[GreeksSnapshot]]:
+    """A writer deferring every batch's latest rows with a 1 ms interval (every write makes them
+    due), and ``n_rows`` rows over 7 instruments, later rows newer."""
+    settings = replace(db_settings, latest_interval_ms=1)
+    harness = WriterHarness(settings, dsn, kwargs={"latest_from_rows_s": 0.0, "pipeline": False, **kwargs})
+    base = time.time()
+    return harness, [snapshot(i, ts=base + i * 1e-3, n_instruments=7) for i in range(n_rows)]
+
+
 async def test_history_keeps_committing_while_a_latest_flush_waits(
     dsn: str, db_settings: DatabaseSettings
 ) -> None:
@@ -314,10 +325,7 @@ async def test_history_keeps_committing_while_a_latest_flush_waits(
     # flush's backend is then terminated: its rows go back and a later flush applies them with
     # the newer ones, so at the end every position's latest row is its newest and no ledger mark
     # is left.
-    settings = replace(db_settings, latest_interval_ms=1)
-    harness = WriterHarness(settings, dsn, kwargs={"latest_from_rows_s": 0.0, "pipeline": False})
-    base = time.time()
-    rows = [snapshot(i, ts=base + i * 1e-3, n_instruments=7) for i in range(100)]
+    harness, rows = _flushing_every_write(dsn, db_settings, 100)
     await migrate(dsn)
     blocker = await connect(dsn)
     try:
@@ -360,11 +368,7 @@ async def test_a_latest_flush_failing_again_and_again_sends_the_writer_through_a
     # failures put the rows back, the third in a row sends the writer through a reconnect, whose
     # repair (from the ledger marks and history) applies them once the lock is gone. Nothing
     # piles up in memory meanwhile, and at the end every position's latest row is its newest.
-    settings = replace(db_settings, latest_interval_ms=1)
-    kwargs = {**FAST_RECONNECT, "latest_from_rows_s": 0.0, "pipeline": False}
-    harness = WriterHarness(settings, dsn, kwargs=kwargs)
-    base = time.time()
-    rows = [snapshot(i, ts=base + i * 1e-3, n_instruments=7) for i in range(40)]
+    harness, rows = _flushing_every_write(dsn, db_settings, 40, **FAST_RECONNECT)
     await migrate(dsn)
     blocker = await connect(dsn)
     try:
