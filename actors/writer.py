@@ -1031,7 +1031,9 @@ class _Writer:
             "nonfinite_values": self.nonfinite_values,
             "replayed_rows": self.replayed_rows,
             "duplicate_batches": self.duplicate_batches,
-            "latest_pending_positions": pending_positions(self.latest, *filter(None, [self._flushing])),
+            "latest_pending_positions": pending_positions(
+                self.latest, *(() if self._flushing is None else (self._flushing,))
+            ),
             "latest_flushes": self.latest_flushes,
             "latest_repaired_rows": self.latest_repaired_rows,
         }

@@ -215,10 +215,7 @@ _STATEMENT_IDX = frozenset((*_MATRIX_IDX, SEQ, SOURCE))
 def select(cols: Columns, indexes: Sequence[int]) -> list[Sequence[Any]]:
     """The columns of the rows at ``indexes`` (those the statement parameters read; the others
     are left empty)."""
-    if len(indexes) == 1:
-        (i,) = indexes
-        return [(col[i],) if f in _STATEMENT_IDX else () for f, col in enumerate(cols)]
-    pick = itemgetter(*indexes)
+    pick = _picker(indexes)
     return [pick(col) if f in _STATEMENT_IDX else () for f, col in enumerate(cols)]
 
 
