@@ -6,6 +6,10 @@ Two write paths, chosen per batch (the threshold measured: client plus server CP
   ``INSERT ... SELECT FROM unnest(...)`` with the ledger row and the latest-state upsert as CTEs,
   sent outside any explicit transaction: one round trip, atomic, committed on return
   (``synchronous_commit`` on). A duplicate batch id makes it a no-op.
+- **One trip by COPY** (batches whose latest rows are deferred, under load, whose positions are
+  all known, whatever their size): one simple-protocol Query holding the ledger row and a binary
+  COPY of the history rows, the COPY data sent right behind it; PostgreSQL commits the Query's
+  statements together as one implicit transaction. A duplicate batch id makes it a no-op.
 - **Transaction**: BEGIN; the dimension rows of first-seen positions; the ledger row and the latest
   upsert (with the history rows too below ``copy_min_rows``); binary COPY of the history rows
   (large batches; the stream built by :mod:`db.encode`); the positions snapshots and session
@@ -21,6 +25,7 @@ Also the partition upkeep the writer runs, and the classification of database er
 
 from __future__ import annotations
 
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, date, datetime, timedelta
@@ -76,13 +81,12 @@ _LATEST_UPDATE = ", ".join(
 
 # $1 batch id, $2..$6 row count and min/max event and receive times, $7 replayed, $8 the
 # float8 matrix (db.encode.matrix), $9 the seq int8 array (both nested from NEST_FROM rows, the
-# padding skipped: _arrays), $10 latest deferred (the matrix then flags no row:
-# db.encode.Prepared.defer_latest).
+# padding skipped: _arrays). Deferred batches never take it (WRITE_LEDGER_MARKED, _write_one_trip).
 _LEDGER_AND_ROWS = f"""
 WITH batch AS (
     INSERT INTO ingest_batches (batch_id, row_count, min_event_ts, max_event_ts,
-                                min_received_ts, max_received_ts, replayed, latest_pending)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $10)
+                                min_received_ts, max_received_ts, replayed)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)
     ON CONFLICT (batch_id) DO NOTHING
     RETURNING batch_id
 ), r AS MATERIALIZED (
@@ -111,27 +115,27 @@ WRITE_ROWS = f"""{_LEDGER_AND_ROWS}, history AS (
 SELECT EXISTS (SELECT 1 FROM batch)
 """
 
-# The one-statement write of a batch whose latest rows are deferred: the ledger row (marked) and
-# the history rows, straight from the parameters (no latest upsert, so nothing to materialize;
-# the matrix without its newest-flags row). About 15 % less server time per row than WRITE_ROWS
-# with no row flagged (measured at 500 rows: 7.6-9.2 against 8.8-10.4 us of backend CPU a row).
-WRITE_ROWS_DEFERRED = f"""
-WITH batch AS (
-    INSERT INTO ingest_batches (batch_id, row_count, min_event_ts, max_event_ts,
-                                min_received_ts, max_received_ts, replayed, latest_pending)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, true)
-    ON CONFLICT (batch_id) DO NOTHING
-    RETURNING batch_id
-), history AS (
-    INSERT INTO greeks_history ({", ".join(HISTORY_COLUMNS)})
-    SELECT {_exact_ts("u.event_ts")}, {_exact_ts("u.received_ts")}, u.quantity, u.bid, u.ask, u.last,
-           u.mark, u.underlying_price, u.seq, u.position_id::int4, u.iv, u.delta, u.gamma, u.theta,
-           u.vega, u.rho, (CASE u.greeks_source WHEN 1 THEN 'b' WHEN 2 THEN 'm' END)::"char"
-    FROM unnest({_matrix("$8", len(MATRIX_ROWS) - 1)}, $9::int8[])
-        AS u({", ".join(MATRIX_ROWS[:-1])}, seq)
-    WHERE u.position_id IS NOT NULL AND EXISTS (SELECT 1 FROM batch)
+# The one-trip write of a batch whose latest rows are deferred (db.encode.Prepared.defer_latest,
+# positions known): one simple-protocol Query holding the ledger row (marked) and the COPY of the
+# history rows, the COPY data right behind it (see _write_one_trip). The ledger's values are
+# literals the engine made (a UUID, counts, timestamps, a boolean), never text from a broker.
+_ONE_TRIP_COPY = f"COPY greeks_history ({', '.join(HISTORY_COLUMNS)}) FROM STDIN (FORMAT binary)"
+_ONE_TRIP_LEDGER = (
+    "INSERT INTO ingest_batches (batch_id, row_count, min_event_ts, max_event_ts, min_received_ts,"
+    " max_received_ts, replayed, latest_pending) VALUES ('{}', {}, {}, {}, {}, {}, {}, true)"
 )
-SELECT EXISTS (SELECT 1 FROM batch)
+# asyncpg's COPY entry point that takes the statement as written (a private method, present
+# from asyncpg 0.18 to 0.32 at least); without it deferred batches take the transaction path.
+_HAS_COPY_IN = hasattr(asyncpg.Connection, "_copy_in")
+
+# The ledger row alone, marked (a deferred batch whose history follows by COPY in a transaction):
+# true unless the batch id was committed before. greeks_latest is not touched (no lock taken on it).
+WRITE_LEDGER_MARKED = """
+INSERT INTO ingest_batches (batch_id, row_count, min_event_ts, max_event_ts,
+                            min_received_ts, max_received_ts, replayed, latest_pending)
+VALUES ($1, $2, $3, $4, $5, $6, $7, true)
+ON CONFLICT (batch_id) DO NOTHING
+RETURNING true
 """
 
 # The ledger row and the latest upsert only (the history follows by COPY): the matrix holds the
@@ -455,15 +459,18 @@ async def write_batch(
         p is None
         or p.batch is not batch
         or not p.valid_for(dims)
-        or p.large != (len(batch.rows) >= copy_min_rows)
+        or p.large != (p.defer_latest or len(batch.rows) >= copy_min_rows)
     ):
         p = encode.Prepared(batch, dims, copy_min_rows).run(dims)
     missing = p.missing(dims)
     if not missing:
         p.resolve(dims.positions)  # ids that arrived since it was prepared (a no-op usually)
-    if not (missing or p.accounts or batch.sessions or before_commit or p.large):
-        assert p.rows_args is not None
-        return bool(await conn.fetchval(*_rows_statement(p, replayed)))
+    if not (missing or p.accounts or batch.sessions or before_commit):
+        if not p.large:
+            assert p.rows_args is not None
+            return bool(await conn.fetchval(*_rows_statement(p, replayed)))
+        if p.defer_latest and _HAS_COPY_IN:
+            return await _write_one_trip(conn, p, replayed)
     created: dict[encode.PositionKey, int] = {}
     async with conn.transaction():
         if missing:
@@ -502,10 +509,56 @@ def _ledger(p: encode.Prepared, replayed: bool) -> tuple[Any, ...]:
 def _rows_statement(p: encode.Prepared, replayed: bool) -> tuple[Any, ...]:
     """The one-statement write of ``p`` and its arguments."""
     assert p.rows_args is not None
+    assert not p.defer_latest  # deferred batches go by COPY
     matrix, seq = p.rows_args
-    if p.defer_latest:
-        return (WRITE_ROWS_DEFERRED, *_ledger(p, replayed), *_arrays(matrix[:-1], seq))
-    return (WRITE_ROWS, *_ledger(p, replayed), *_arrays(matrix, seq), False)
+    return (WRITE_ROWS, *_ledger(p, replayed), *_arrays(matrix, seq))
+
+
+def _ts_literal(value: Any) -> str:
+    """A ledger time (POSIX seconds, as the writer connection's codec takes them) as an exact
+    SQL literal, or NULL."""
+    if value is None:
+        return "NULL"
+    us = _encode_timestamptz(value)[0]
+    return f"(timestamptz '2000-01-01 00:00:00+00' + {us} * interval '1 microsecond')"
+
+
+def one_trip_statement(p: encode.Prepared, replayed: bool) -> str:
+    """The Query text of :func:`_write_one_trip`: the marked ledger row, then the COPY."""
+    f = p.facts
+    ledger = _ONE_TRIP_LEDGER.format(
+        uuid.UUID(str(p.batch.batch_id)),  # a UUID's text form, whatever the id's type
+        int(f.row_count),
+        _ts_literal(f.min_event_ts),
+        _ts_literal(f.max_event_ts),
+        _ts_literal(f.min_received_ts),
+        _ts_literal(f.max_received_ts),
+        "true" if replayed else "false",
+    )
+    return f"{ledger};\n{_ONE_TRIP_COPY}"
+
+
+async def _write_one_trip(conn: asyncpg.Connection, p: encode.Prepared, replayed: bool) -> bool:
+    """A deferred batch in one round trip: the ledger row and the COPY in one simple Query, the
+    COPY data and CopyDone sent right behind it without waiting for the server's CopyInResponse
+    (asyncpg does so for a buffer source). PostgreSQL runs a Query of several statements as one
+    implicit transaction, committed once the COPY is done. A duplicate batch id fails the ledger
+    row, so nothing is written (False), and the server drops the COPY messages that follow (it
+    ignores CopyData and CopyDone outside COPY). Four round trips otherwise (BEGIN, ledger, COPY,
+    COMMIT); measured at 200 rows a batch: client 381 against 506 us, server 720 against 1,020 us
+    a batch (the one-statement write).
+
+    Raises:
+        BatchDataError: a value no column can hold (raised before anything is sent).
+    """
+    chunks = p.payload if p.payload is not None else list(encode.copy_payload(p.cols, p.pids))  # type: ignore[arg-type]
+    try:
+        await conn._copy_in(one_trip_statement(p, replayed), memoryview(b"".join(chunks)), None)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "ingest_batches_pkey":
+            return False  # committed before (a replay): nothing written
+        raise
+    return True
 
 
 def _arrays(matrix: list[list[Any]], seq: list[int | None]) -> tuple[Any, Any]:
@@ -546,11 +599,13 @@ async def _write_rows(conn: asyncpg.Connection, p: encode.Prepared, replayed: bo
     if not p.large:
         assert p.rows_args is not None
         return bool(await conn.fetchval(*_rows_statement(p, replayed)))
-    assert p.latest_args is not None
-    if not await conn.fetchval(
-        WRITE_LEDGER_AND_LATEST, *_ledger(p, replayed), *_arrays(*p.latest_args), p.defer_latest
-    ):
-        return False
+    if p.defer_latest:
+        if not await conn.fetchval(WRITE_LEDGER_MARKED, *_ledger(p, replayed)):
+            return False
+    else:
+        assert p.latest_args is not None
+        if not await conn.fetchval(WRITE_LEDGER_AND_LATEST, *_ledger(p, replayed), *_arrays(*p.latest_args)):
+            return False
     refused: list[BatchDataError] = []
     # Prepared ahead, or built chunk by chunk while sent (the server digests each chunk while
     # the next is built).

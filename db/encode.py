@@ -528,7 +528,9 @@ class Prepared:
         # the writer applies ``newest`` later (:class:`PendingLatest`).
         self.defer_latest = defer_latest
         self.generation = dims.generation
-        self.large = len(batch.rows) >= copy_min_rows
+        # History by COPY: from ``copy_min_rows`` rows, and always when the latest rows are
+        # deferred (:func:`db.copy.write_batch` then sends the batch in one round trip).
+        self.large = defer_latest or len(batch.rows) >= copy_min_rows
         self.accounts = fold_positions(batch.positions) if batch.positions else []
         self.cols = transpose(batch.rows) if cols is None else cols
         self.facts = facts(self.cols)

@@ -12,12 +12,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import asyncpg
 import pytest
 
 from config.settings import DatabaseSettings
+from db import copy as dbcopy
 from db.batch import Batch, days_of
 from db.copy import connect, ensure_partitions, flush_latest, repair_latest, write_batch
-from db.encode import Dimensions, PendingLatest, Prepared
+from db.encode import BatchDataError, Dimensions, PendingLatest, Prepared
 from db.migrate import migrate
 from normalize.model import GreeksSnapshot
 
@@ -81,6 +83,15 @@ async def _write_deferred(
     return pending, ids
 
 
+@pytest.fixture(params=["one-trip", "transaction"])
+def deferred_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How deferred batches whose positions are known go: in one round trip (the ledger row and
+    the COPY in one Query), or as where asyncpg lacks the entry point for it (a transaction)."""
+    if request.param == "transaction":
+        monkeypatch.setattr(dbcopy, "_HAS_COPY_IN", False)
+    return str(request.param)
+
+
 @contextlib.asynccontextmanager
 async def _database(dsn: str, rows: Sequence[GreeksSnapshot]) -> AsyncIterator[Any]:
     """A writer connection to the migrated database, with the partitions of ``rows``."""
@@ -94,7 +105,9 @@ async def _database(dsn: str, rows: Sequence[GreeksSnapshot]) -> AsyncIterator[A
 
 
 @pytest.mark.parametrize("copy_min_rows", [2000, 1], ids=["one-statement", "copy"])
-async def test_flush_applies_what_the_per_batch_upserts_would_have(dsn: str, copy_min_rows: int) -> None:
+async def test_flush_applies_what_the_per_batch_upserts_would_have(
+    dsn: str, copy_min_rows: int, deferred_path: str
+) -> None:
     # Arrange: the first batch upserts as usual, the other four defer.
     batches = _batches(time.time() - 60)
     async with _database(dsn, [r for rows in batches for r in rows]) as conn:
@@ -272,9 +285,12 @@ async def test_latest_rows_pending_across_an_outage_are_repaired_at_reconnect(
 
 @pytest.mark.parametrize("copy_min_rows", [2000, 1], ids=["one-statement", "copy"])
 @pytest.mark.parametrize("n_rows", [30, 70], ids=["flat", "nested"])  # nested: >= NEST_FROM rows
-async def test_a_deferred_batch_stores_the_same_history(dsn: str, copy_min_rows: int, n_rows: int) -> None:
+async def test_a_deferred_batch_stores_the_same_history(
+    dsn: str, copy_min_rows: int, n_rows: int, deferred_path: str
+) -> None:
     # The same rows (seq apart) written with the upsert and deferred: every history value equal,
-    # times rounded as datetime.fromtimestamp rounds them (a half microsecond), NULLs and sources.
+    # times rounded as datetime.fromtimestamp rounds them (a half microsecond), NULLs and sources,
+    # and the same ledger facts (the one-trip write sends them as SQL literals).
     ts = 1_710_000_000.0000005
     rows = [
         snapshot(i, ts=ts + i * 0.25, n_instruments=5)._replace(
@@ -288,8 +304,27 @@ async def test_a_deferred_batch_stores_the_same_history(dsn: str, copy_min_rows:
     async with _database(dsn, rows) as conn:
         dims = Dimensions()
         assert await write_batch(conn, Batch(uuid.uuid4(), rows), dims=dims, copy_min_rows=copy_min_rows)
+        queries: list[str] = []
+
+        def logged(record: Any) -> None:
+            queries.append(record.query)
+
+        conn.add_query_logger(logged)
         await _write_deferred(conn, dims, [again], copy_min_rows)
+        conn.remove_query_logger(logged)
         stored = [dict(r) for r in await conn.fetch("SELECT * FROM greeks_history ORDER BY seq")]
+        ledger = [
+            dict(r)
+            for r in await conn.fetch(
+                "SELECT row_count, min_event_ts, max_event_ts, min_received_ts, max_received_ts,"
+                " replayed, latest_pending FROM ingest_batches ORDER BY latest_pending"
+            )
+        ]
+    # one trip: no statement but the COPY Query (which asyncpg's query loggers do not see)
+    assert (queries == []) == (deferred_path == "one-trip")
+    assert ledger[0]["latest_pending"] is False
+    assert ledger[1] == {**ledger[0], "latest_pending": True}
+    assert ledger[0]["min_event_ts"] == datetime.fromtimestamp(ts, UTC)
     assert len(stored) == 2 * n_rows
     for plain, deferred in zip(stored[:n_rows], stored[n_rows:], strict=True):
         assert deferred["seq"] == plain["seq"] + 1000
@@ -400,3 +435,58 @@ async def test_a_latest_flush_failing_again_and_again_sends_the_writer_through_a
     latest = {r["instrument"]: r["seq"] for r in await fetch(dsn, LATEST)}
     assert latest == {k: seq for k, (seq, _) in _expected([rows]).items()}
     assert await count(dsn, MARKED) == 0
+
+
+async def test_a_deferred_batch_sent_twice_in_one_trip_is_written_once(dsn: str) -> None:
+    # The second time the ledger row fails (the id is taken): nothing else is written, and the
+    # COPY data sent behind the Query is dropped by the server, so the connection goes on.
+    rows = [snapshot(i, ts=time.time() - 60 + i * 0.01, n_instruments=7) for i in range(20)]
+    async with _database(dsn, rows) as conn:
+        dims = Dimensions()
+        assert await write_batch(conn, Batch(uuid.uuid4(), rows[:7]), dims=dims)  # positions known
+        batch = Batch(uuid.uuid4(), rows[7:])
+        for fresh in (True, False, False):
+            p = Prepared(batch, dims, 2000, defer_latest=True).run(dims, eager=True)
+            assert await write_batch(conn, batch, dims=dims, prepared=p, copy_min_rows=2000) is fresh
+        assert await conn.fetchval("SELECT count(*) FROM greeks_history") == 20
+        assert await conn.fetchval(MARKED) == 1
+        _, ids = await _write_deferred(conn, dims, [rows[:3]], 2000)  # the connection goes on
+        assert await conn.fetchval("SELECT count(*) FROM greeks_history") == 23
+        assert await conn.fetchval("SELECT count(*) FROM ingest_batches") == 3
+
+
+async def test_a_one_trip_write_whose_copy_fails_leaves_no_ledger_row(dsn: str) -> None:
+    # The ledger row and the COPY commit together: a row the COPY refuses (its day has no
+    # partition) takes the ledger row with it, and the batch can be written once it can be.
+    now = time.time() - 60
+    rows = [snapshot(i, ts=now + i * 0.01, n_instruments=7) for i in range(14)]
+    later = [r._replace(event_ts=now + 10 * 86400, seq=100 + i) for i, r in enumerate(rows[7:])]
+    async with _database(dsn, rows) as conn:
+        dims = Dimensions()
+        assert await write_batch(conn, Batch(uuid.uuid4(), rows[:7]), dims=dims)
+        batch = Batch(uuid.uuid4(), [*rows[7:], *later])
+        p = Prepared(batch, dims, 2000, defer_latest=True).run(dims, eager=True)
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await write_batch(conn, batch, dims=dims, prepared=p, copy_min_rows=2000)
+        assert dbcopy.is_data_error(caught.value)  # set aside by the writer, never retried
+        assert await conn.fetchval("SELECT count(*) FROM greeks_history") == 7
+        assert await conn.fetchval("SELECT count(*) FROM ingest_batches") == 1
+        await ensure_partitions(conn, days_of(later))
+        assert await write_batch(conn, batch, dims=dims, prepared=p, copy_min_rows=2000)
+        assert await conn.fetchval("SELECT count(*) FROM greeks_history") == 21
+
+
+async def test_a_value_no_column_holds_stops_a_one_trip_write_before_it_is_sent(dsn: str) -> None:
+    rows = [snapshot(i, ts=time.time() - 60 + i * 0.01, n_instruments=7) for i in range(14)]
+    bad = [*rows[7:13], rows[13]._replace(gamma=1e39)]  # beyond float4, where Greeks are stored
+    async with _database(dsn, rows) as conn:
+        dims = Dimensions()
+        assert await write_batch(conn, Batch(uuid.uuid4(), rows[:7]), dims=dims)
+        batch = Batch(uuid.uuid4(), bad)
+        p = Prepared(batch, dims, 2000, defer_latest=True)
+        with pytest.raises(BatchDataError):
+            p.run(dims, eager=True)  # the writer's preparation refuses it
+        with pytest.raises(BatchDataError):  # and so does the write, before sending anything
+            await write_batch(conn, batch, dims=dims, prepared=p, copy_min_rows=2000)
+        assert await conn.fetchval("SELECT count(*) FROM ingest_batches") == 1
+        assert await conn.fetchval("SELECT count(*) FROM greeks_history") == 7

@@ -25,16 +25,22 @@ def _prepared(rows: list[GreeksSnapshot], dims: Dimensions) -> Prepared:
     return Prepared(Batch(uuid.uuid4(), rows), dims, 2000, defer_latest=True).run(dims)
 
 
-def test_a_deferred_batch_upserts_nothing_and_keeps_its_newest_rows() -> None:
+def test_a_deferred_batch_goes_by_copy_upserts_nothing_and_keeps_its_newest_rows() -> None:
     dims = Dimensions()
     rows = [snapshot(i, ts=100.0 + i, n_instruments=3) for i in range(7)]
-    p = _prepared(rows, dims)
-    assert p.rows_args is not None
-    assert p.rows_args[0][-1] == [None] * 7  # the statement's newest flags: no latest row
-    assert sorted(p.newest) == [4, 5, 6]  # the last row of each of the 3 instruments
-    large = Prepared(Batch(uuid.uuid4(), rows), dims, 1, defer_latest=True).run(dims)
-    assert large.latest_args == ([], [])
-    assert sorted(large.newest) == [4, 5, 6]
+    for copy_min_rows in (2000, 1):  # deferred: by COPY whatever its size
+        p = Prepared(Batch(uuid.uuid4(), rows), dims, copy_min_rows, defer_latest=True)
+        dims.add({row_position_key(r): int(r.instrument[-8:-3]) for r in rows})
+        p.run(dims, eager=True)
+        assert p.large
+        assert p.rows_args is None
+        assert p.latest_args == ([], [])  # no latest row
+        assert p.payload is not None
+        assert sorted(p.newest) == [4, 5, 6]  # the last row of each of the 3 instruments
+    small = Prepared(Batch(uuid.uuid4(), rows), dims, 2000).run(dims)
+    assert not small.large
+    assert small.rows_args is not None
+    assert sorted(i for i, flag in enumerate(small.rows_args[0][-1]) if flag is not None) == [4, 5, 6]
     immediate = Prepared(Batch(uuid.uuid4(), rows), dims, 1).run(dims)
     assert immediate.latest_args is not None
     assert len(immediate.latest_args[1]) == 3
