@@ -48,7 +48,9 @@ from normalize.events import PositionsSnapshot
 # statement, the COPY, COMMIT) against one, but in the engine that cost nothing measurable: 500
 # against 1,000 in interleaved `python -m bench pipeline` runs, engine CPU per tick lower in 5 of
 # 5 pairs (100,000 ticks/s: 6.79 / 7.12 / 6.54 against 7.17 / 7.22 / 6.70 us; 50,000: 12.65 /
-# 12.75 against 12.93 / 13.58), p50 lower in 4 of 5, p99 in 4 of 5.
+# 12.75 against 12.93 / 13.58), p50 lower in 4 of 5, p99 in 4 of 5. Deferred batches have gone
+# by COPY whatever their size since, in one round trip (_write_one_trip): the threshold now
+# concerns batches that upsert their latest rows themselves (below the linger's rate, replays).
 COPY_MIN_ROWS = 500
 
 
@@ -526,8 +528,9 @@ def _ts_literal(value: Any) -> str:
 def one_trip_statement(p: encode.Prepared, replayed: bool) -> str:
     """The Query text of :func:`_write_one_trip`: the marked ledger row, then the COPY."""
     f = p.facts
+    batch_id = p.batch.batch_id
     ledger = _ONE_TRIP_LEDGER.format(
-        uuid.UUID(str(p.batch.batch_id)),  # a UUID's text form, whatever the id's type
+        batch_id if type(batch_id) is uuid.UUID else uuid.UUID(str(batch_id)),  # a UUID's text form
         int(f.row_count),
         _ts_literal(f.min_event_ts),
         _ts_literal(f.max_event_ts),
@@ -544,9 +547,11 @@ async def _write_one_trip(conn: asyncpg.Connection, p: encode.Prepared, replayed
     (asyncpg does so for a buffer source). PostgreSQL runs a Query of several statements as one
     implicit transaction, committed once the COPY is done. A duplicate batch id fails the ledger
     row, so nothing is written (False), and the server drops the COPY messages that follow (it
-    ignores CopyData and CopyDone outside COPY). Four round trips otherwise (BEGIN, ledger, COPY,
-    COMMIT); measured at 200 rows a batch: client 381 against 506 us, server 720 against 1,020 us
-    a batch (the one-statement write).
+    ignores CopyData and CopyDone outside COPY). Against the one-statement write, timed in a
+    scratch loop of 1,000 batches of 200 rows (two alternations, embedded PostgreSQL, fsync on):
+    client 381 / 536 against 506 / 587 us a batch, server 720 / 830 against 1,020 / 1,140 us,
+    1.24 / 1.50 against 1.75 / 1.92 ms a commit; at 10 and 40 rows level; the transaction path
+    (BEGIN, ledger, COPY, COMMIT) cost more than either.
 
     Raises:
         BatchDataError: a value no column can hold (raised before anything is sent).
