@@ -76,11 +76,25 @@ def pipeline_targets(engine: Run, peers: dict[str, Run], command: str) -> list[d
                     "best_peer": best_name,
                     "best_peer_us_per_tick": best.cpu_us_per_tick,
                     "ratio": None if ratio is None else round(ratio, 2),
+                    **_floor(peers, best),
                 },
                 command,
             )
         )
     return out
+
+
+def _floor(peers: dict[str, Run], best: Run) -> dict[str, Any]:
+    """The reference beside the CPU target: ``bare_copy``'s CPU per tick (receive, decode, COPY,
+    nothing else) and the best peer's over it, the most any consumer of this feed into this
+    database could show against that peer."""
+    bare = peers.get("bare_copy")
+    if bare is None or not bare.ticks_committed or not bare.cpu_us_per_tick:
+        return {}
+    return {
+        "bare_copy_us_per_tick": bare.cpu_us_per_tick,
+        "best_peer_over_bare_copy": round(best.cpu_us_per_tick / bare.cpu_us_per_tick, 2),
+    }
 
 
 def _target(name: str, met: bool, value: Any, command: str) -> dict[str, Any]:

@@ -37,6 +37,7 @@ STARTS = {
     "sdk_executemany": 8_000.0,
     "sdk_execute": 500.0,
     "ibind_ws": 2_000.0,
+    "bare_copy": 50_000.0,
 }
 FLOOR = 100.0
 

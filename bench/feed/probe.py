@@ -84,7 +84,10 @@ def _count(counts: Counts, key: Any, seq: int, sent_ms: int) -> None:
         counts.latency_ms.append(time.time() * 1000 - sent_ms)
 
 
-async def dxlink(api: str, secret: str, refresh: str, counts: Counts, stop: asyncio.Event) -> None:
+async def dxlink_start(api: str, secret: str, refresh: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Tastytrade's REST start-up: the quote token (``dxlink-url``, ``token``) and what to
+    subscribe, ``(event type, streamer symbol)``: Greeks for every option position, Quote for
+    the rest."""
     async with aiohttp.ClientSession() as http:
         body = {"grant_type": "refresh_token", "client_secret": secret, "refresh_token": refresh}
         async with http.post(f"{api}/oauth/token", json=body) as r:
@@ -109,28 +112,35 @@ async def dxlink(api: str, secret: str, refresh: str, counts: Counts, stop: asyn
             async with http.get(f"{api}/instruments/equity-options", headers=headers, params=chunk) as r:
                 items = (await r.json())["data"]["items"]
             symbols += [("Greeks", item["streamer-symbol"]) for item in items]
-        quote = await get("/api-quote-tokens")
+        return await get("/api-quote-tokens"), symbols
+
+
+async def dxlink_open(
+    ws: Any, token: str, symbols: list[tuple[str, str]], fields: dict[str, list[str]]
+) -> None:
+    """The DXLink handshake on ``ws``: SETUP, AUTH, a FEED channel in COMPACT with ``fields``,
+    then one FEED_SUBSCRIPTION of ``symbols``."""
+    await ws.send(_text({"type": "SETUP", "channel": 0, "version": "0.1-probe", "keepaliveTimeout": 60}))
+    await ws.send(_text({"type": "AUTH", "channel": 0, "token": token}))
+    channel = {"type": "CHANNEL_REQUEST", "channel": 1, "service": "FEED", "parameters": {"contract": "AUTO"}}
+    await ws.send(_text(channel))
+    setup = {
+        "type": "FEED_SETUP",
+        "channel": 1,
+        "acceptAggregationPeriod": 0.1,
+        "acceptDataFormat": "COMPACT",
+        "acceptEventFields": fields,
+    }
+    await ws.send(_text(setup))
+    add = [{"type": t, "symbol": s} for t, s in symbols]
+    await ws.send(_text({"type": "FEED_SUBSCRIPTION", "channel": 1, "add": add}))
+
+
+async def dxlink(api: str, secret: str, refresh: str, counts: Counts, stop: asyncio.Event) -> None:
+    quote, symbols = await dxlink_start(api, secret, refresh)
     async with websockets.connect(quote["dxlink-url"], max_size=1 << 24) as ws:
-        await ws.send(_text({"type": "SETUP", "channel": 0, "version": "0.1-probe", "keepaliveTimeout": 60}))
-        await ws.send(_text({"type": "AUTH", "channel": 0, "token": quote["token"]}))
-        channel = {
-            "type": "CHANNEL_REQUEST",
-            "channel": 1,
-            "service": "FEED",
-            "parameters": {"contract": "AUTO"},
-        }
-        await ws.send(_text(channel))
-        setup = {
-            "type": "FEED_SETUP",
-            "channel": 1,
-            "acceptAggregationPeriod": 0.1,
-            "acceptDataFormat": "COMPACT",
-            "acceptEventFields": {"Greeks": GREEKS_FIELDS, "Quote": QUOTE_FIELDS},
-        }
-        await ws.send(_text(setup))
-        add = [{"type": t, "symbol": s} for t, s in symbols]
-        await ws.send(_text({"type": "FEED_SUBSCRIPTION", "channel": 1, "add": add}))
-        counts.subscribed += len(add)
+        await dxlink_open(ws, quote["token"], symbols, {"Greeks": GREEKS_FIELDS, "Quote": QUOTE_FIELDS})
+        counts.subscribed += len(symbols)
         layouts = {"Greeks": GREEKS_FIELDS, "Quote": QUOTE_FIELDS}
         while not stop.is_set():
             try:

@@ -2,7 +2,9 @@
 
 ``python -m bench.peers NAME --ready-file FEED_READY --dsn DSN --stats-file STATS`` runs one:
 ``sdk_execute`` and ``sdk_executemany`` (:mod:`bench.peers.sdk`: the tastytrade SDK's
-``DXLinkStreamer``), ``ibind_ws`` and ``poll`` (:mod:`bench.peers.ibkr`: ``ibind``). Each writes a
+``DXLinkStreamer``), ``ibind_ws`` and ``poll`` (:mod:`bench.peers.ibkr`: ``ibind``), and
+``bare_copy`` (:mod:`bench.peers.bare`), the floor: receive, decode, COPY, nothing else, a
+reference rather than a peer (it does not count as the best peer in the targets). Each writes a
 table of its own, with the event time, and its stats file (committed rows and commit-returned
 minus send-time latency) twice a second and at exit (SIGTERM). They use asyncpg, the broker SDKs
 and the standard library only: never the engine's code.
@@ -29,10 +31,14 @@ def peer(name: str) -> tuple[Main, str, tuple[str, ...]]:
         from bench.peers import ibkr
 
         return (ibkr.ibind_ws if name == "ibind_ws" else ibkr.poll), ibkr.COUNT_SQL, ("ibkr",)
+    if name == "bare_copy":
+        from bench.peers import bare
+
+        return bare.bare_copy, bare.COUNT_SQL, ("tastytrade",)
     raise ValueError(f"unknown peer {name!r}; one of {', '.join(PEERS)}")
 
 
-PEERS = ("sdk_execute", "sdk_executemany", "ibind_ws", "poll")
+PEERS = ("sdk_execute", "sdk_executemany", "ibind_ws", "poll", "bare_copy")
 
 
 def peer_table(name: str) -> tuple[str, str, str]:
@@ -41,4 +47,6 @@ def peer_table(name: str) -> tuple[str, str, str]:
         return "greeks", "event_time", "sequence"
     if name in ("ibind_ws", "poll"):
         return "ibkr_ticks", "updated", "seq"
+    if name == "bare_copy":
+        return "bare_ticks", "event_time", "sequence"
     raise ValueError(f"unknown peer {name!r}")

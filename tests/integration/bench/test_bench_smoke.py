@@ -32,9 +32,10 @@ def test_feed_serves_both_protocols(pg: PgTarget, tmp_path: Path) -> None:
     assert result["feed"]["offered"] == {b: sum(ledger[b].values()) for b in ("ibkr", "tastytrade")}
 
 
-def test_one_peer_runs_and_adds_up(pg: PgTarget) -> None:
+@pytest.mark.parametrize("name", ["sdk_executemany", "bare_copy"])
+def test_one_peer_runs_and_adds_up(pg: PgTarget, name: str) -> None:
     with Bench(pg.admin_dsn, positions=40) as bench:
-        run = bench.run("sdk_executemany", 300.0, 1.0)
+        run = bench.run(name, 300.0, 1.0)
     assert run.error is None
     assert set(run.keys()) == set(RESULT_KEYS)
     assert run.ticks_offered > 300
