@@ -107,6 +107,23 @@ class Stats:
         tmp.replace(self.path)
 
 
+def greeks_table(name: str) -> str:
+    """DDL of a peer's table of DXLink Greeks events (the SDK peers' ``greeks``, ``bare_ticks``)."""
+    return f"""
+CREATE TABLE IF NOT EXISTS {name} (
+    symbol      text NOT NULL,
+    event_time  timestamptz NOT NULL,
+    sequence    bigint NOT NULL,
+    price       double precision,
+    volatility  double precision,
+    delta       double precision,
+    gamma       double precision,
+    theta       double precision,
+    rho         double precision,
+    vega        double precision
+)"""
+
+
 def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m bench.peers {name}")
     p.add_argument("--ready-file", type=Path, required=True, help="the feed's ready file (URLs)")

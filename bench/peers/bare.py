@@ -23,21 +23,9 @@ import orjson
 import websockets
 
 from bench.feed.probe import dxlink_open, dxlink_start
-from bench.peers._common import Stats
+from bench.peers._common import Stats, greeks_table
 
-TABLE = """
-CREATE TABLE IF NOT EXISTS bare_ticks (
-    symbol      text NOT NULL,
-    event_time  timestamptz NOT NULL,
-    sequence    bigint NOT NULL,
-    price       double precision,
-    volatility  double precision,
-    delta       double precision,
-    gamma       double precision,
-    theta       double precision,
-    rho         double precision,
-    vega        double precision
-)"""
+TABLE = greeks_table("bare_ticks")
 COLUMNS = (
     "symbol", "event_time", "sequence", "price", "volatility", "delta", "gamma", "theta", "rho", "vega",
 )  # fmt: skip

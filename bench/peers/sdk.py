@@ -24,21 +24,9 @@ from tastytrade.dxfeed import Greeks
 from tastytrade.instruments import Option
 from tastytrade.order import InstrumentType
 
-from bench.peers._common import Stats
+from bench.peers._common import Stats, greeks_table
 
-TABLE = """
-CREATE TABLE IF NOT EXISTS greeks (
-    symbol      text NOT NULL,
-    event_time  timestamptz NOT NULL,
-    sequence    bigint NOT NULL,
-    price       double precision,
-    volatility  double precision,
-    delta       double precision,
-    gamma       double precision,
-    theta       double precision,
-    rho         double precision,
-    vega        double precision
-)"""
+TABLE = greeks_table("greeks")
 INSERT = (
     "INSERT INTO greeks (symbol, event_time, sequence, price, volatility, delta, gamma, theta, rho, vega)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
