@@ -1,6 +1,6 @@
 """Writing batches with asyncpg into the narrow schema (0003), exactly once per batch id.
 
-Two write paths, chosen per batch (the threshold measured: client plus server CPU per row):
+Three write paths, chosen per batch (the threshold measured: client plus server CPU per row):
 
 - **One statement** (batches below ``copy_min_rows`` rows, 500, whose positions are all known): one
   ``INSERT ... SELECT FROM unnest(...)`` with the ledger row and the latest-state upsert as CTEs,
@@ -525,7 +525,7 @@ def _ts_literal(value: Any) -> str:
     return f"(timestamptz '2000-01-01 00:00:00+00' + {us} * interval '1 microsecond')"
 
 
-def one_trip_statement(p: encode.Prepared, replayed: bool) -> str:
+def _one_trip_statement(p: encode.Prepared, replayed: bool) -> str:
     """The Query text of :func:`_write_one_trip`: the marked ledger row, then the COPY."""
     f = p.facts
     batch_id = p.batch.batch_id
@@ -558,7 +558,7 @@ async def _write_one_trip(conn: asyncpg.Connection, p: encode.Prepared, replayed
     """
     chunks = p.payload if p.payload is not None else list(encode.copy_payload(p.cols, p.pids))  # type: ignore[arg-type]
     try:
-        await conn._copy_in(one_trip_statement(p, replayed), memoryview(b"".join(chunks)), None)
+        await conn._copy_in(_one_trip_statement(p, replayed), memoryview(b"".join(chunks)), None)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "ingest_batches_pkey":
             return False  # committed before (a replay): nothing written
