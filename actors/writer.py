@@ -928,9 +928,7 @@ class _Writer:
             self.conn = None
 
     async def _close_conn(self) -> None:
-        flush_conn, self.flush_conn = self.flush_conn, None
-        if flush_conn is not None:
-            flush_conn.terminate()  # no statement of its own outlives the writer's drain
+        self._drop_flush_conn()  # no statement of its own outlives the writer's drain
         conn, self.conn = self.conn, None
         if conn is None:
             return

@@ -332,6 +332,15 @@ async def test_a_deferred_batch_stores_the_same_history(
     assert stored[0]["event_ts"] == datetime.fromtimestamp(ts, UTC)
 
 
+async def _lock_latest(blocker: Any) -> Any:
+    """A transaction of ``blocker`` holding greeks_latest in EXCLUSIVE mode (reads pass, upserts
+    wait); roll it back to let them go."""
+    lock = blocker.transaction()
+    await lock.start()
+    await blocker.execute("LOCK TABLE greeks_latest IN EXCLUSIVE MODE")
+    return lock
+
+
 async def _waiting_on_a_lock(dsn: str) -> int:
     """The pid of the backend of this database that waits on a lock (bounded by fail_after)."""
     sql = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
@@ -369,9 +378,7 @@ async def test_history_keeps_committing_while_a_latest_flush_waits(
                 await tg.start(harness.run)
                 await harness.send.send(rows[:10])
                 await harness.wait_for(lambda s: s.get("rows_total", 0) == 10)
-                lock = blocker.transaction()
-                await lock.start()
-                await blocker.execute("LOCK TABLE greeks_latest IN EXCLUSIVE MODE")  # reads pass
+                lock = await _lock_latest(blocker)
                 await harness.send.send(rows[10:20])
                 flusher = await _waiting_on_a_lock(dsn)
                 for i in range(20, 60, 10):
@@ -410,9 +417,7 @@ async def test_a_latest_flush_failing_again_and_again_sends_the_writer_through_a
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
                 await tg.start(harness.run)
-                lock = blocker.transaction()
-                await lock.start()
-                await blocker.execute("LOCK TABLE greeks_latest IN EXCLUSIVE MODE")
+                lock = await _lock_latest(blocker)
                 for i in range(0, 40, 10):
                     await harness.send.send(rows[i : i + 10])
                 await harness.wait_for(lambda s: s["rows_total"] == 40)
@@ -437,13 +442,20 @@ async def test_a_latest_flush_failing_again_and_again_sends_the_writer_through_a
     assert await count(dsn, MARKED) == 0
 
 
+async def _positions_known(conn: Any, rows: Sequence[GreeksSnapshot]) -> Dimensions:
+    """Write ``rows`` as usual (their positions created) and return the ids, so that a deferred
+    batch of the same positions takes the one-trip write."""
+    dims = Dimensions()
+    assert await write_batch(conn, Batch(uuid.uuid4(), rows), dims=dims)
+    return dims
+
+
 async def test_a_deferred_batch_sent_twice_in_one_trip_is_written_once(dsn: str) -> None:
     # The second time the ledger row fails (the id is taken): nothing else is written, and the
     # COPY data sent behind the Query is dropped by the server, so the connection goes on.
     rows = [snapshot(i, ts=time.time() - 60 + i * 0.01, n_instruments=7) for i in range(20)]
     async with _database(dsn, rows) as conn:
-        dims = Dimensions()
-        assert await write_batch(conn, Batch(uuid.uuid4(), rows[:7]), dims=dims)  # positions known
+        dims = await _positions_known(conn, rows[:7])
         batch = Batch(uuid.uuid4(), rows[7:])
         for fresh in (True, False, False):
             p = Prepared(batch, dims, 2000, defer_latest=True).run(dims, eager=True)
@@ -462,8 +474,7 @@ async def test_a_one_trip_write_whose_copy_fails_leaves_no_ledger_row(dsn: str) 
     rows = [snapshot(i, ts=now + i * 0.01, n_instruments=7) for i in range(14)]
     later = [r._replace(event_ts=now + 10 * 86400, seq=100 + i) for i, r in enumerate(rows[7:])]
     async with _database(dsn, rows) as conn:
-        dims = Dimensions()
-        assert await write_batch(conn, Batch(uuid.uuid4(), rows[:7]), dims=dims)
+        dims = await _positions_known(conn, rows[:7])
         batch = Batch(uuid.uuid4(), [*rows[7:], *later])
         p = Prepared(batch, dims, 2000, defer_latest=True).run(dims, eager=True)
         with pytest.raises(asyncpg.PostgresError) as caught:
@@ -480,8 +491,7 @@ async def test_a_value_no_column_holds_stops_a_one_trip_write_before_it_is_sent(
     rows = [snapshot(i, ts=time.time() - 60 + i * 0.01, n_instruments=7) for i in range(14)]
     bad = [*rows[7:13], rows[13]._replace(gamma=1e39)]  # beyond float4, where Greeks are stored
     async with _database(dsn, rows) as conn:
-        dims = Dimensions()
-        assert await write_batch(conn, Batch(uuid.uuid4(), rows[:7]), dims=dims)
+        dims = await _positions_known(conn, rows[:7])
         batch = Batch(uuid.uuid4(), bad)
         p = Prepared(batch, dims, 2000, defer_latest=True)
         with pytest.raises(BatchDataError):
