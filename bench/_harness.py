@@ -451,10 +451,14 @@ class Bench:
                 latency = doc.get("latency_ms", {})
                 result.latency_ms = {k: latency.get(k, 0.0) for k in ("p50", "p95", "p99", "max")}
                 result.latency_source = "peer: commit returned - feed send time (ms)"
+                if peer_table(result.name) is None:
+                    result.latency_source = "floor: received - feed send time (ms); nothing is stored"
                 result.event_loop = doc.get("event_loop")
                 if doc.get("error"):
                     result.error = doc["error"]
-            result.ticks_committed = _count(dsn, result.name)
+            stores = engine or peer_table(result.name) is not None
+            # what it stores, counted in the database; a floor that stores nothing: its count
+            result.ticks_committed = _count(dsn, result.name) if stores else int(doc.get("committed") or 0)
             if engine and result.latency_source.startswith("writer.latency_ms"):
                 result.wire_ms = _wire_ms(dsn)
             result.db_commit_latency_ms = _db_commit_latency(dsn, result.name, since=t0)
@@ -495,14 +499,18 @@ def _mix(name: str) -> tuple[str, tuple[str, ...]]:
     _main, _sql, brokers = peer(name)
     if name == "poll":
         return "poll", brokers
+    if len(brokers) == 2:
+        return "both", brokers
     return ("dxlink" if brokers == ("tastytrade",) else "ibkr"), brokers
 
 
 def _expected(name: str, ready: dict[str, Any], broker: str) -> int:
-    """Held contracts the contestant subscribes: the engine all, the streaming peers the options."""
+    """Held contracts the contestant subscribes: the engine (and ``bare_recv``, its input) all,
+    the streaming peers the options."""
     if name == "poll":
         return 0  # polling subscribes nothing
-    return int(ready["positions"][broker] if is_engine(name) else ready["options"][broker])
+    every = is_engine(name) or name == "bare_recv"
+    return int(ready["positions"][broker] if every else ready["options"][broker])
 
 
 def _engine_env(ready: dict[str, Any], dsn: str, workdir: Path, brokers: tuple[str, ...]) -> dict[str, str]:
@@ -571,7 +579,10 @@ def _count(dsn: str, name: str) -> int:
                 distinct = f"SELECT DISTINCT broker, instrument, seq FROM {table} WHERE seq >= 1"
                 sql = f"SELECT count(*) FROM ({distinct}) t"
             else:
-                sql = peer(name)[1]
+                peer_sql = peer(name)[1]
+                if peer_sql is None:
+                    raise ValueError(f"{name} stores nothing: its stats file counts")
+                sql = peer_sql
             return int(await conn.fetchval(sql))
         except asyncpg.UndefinedTableError:
             return 0
@@ -604,7 +615,10 @@ def _db_commit_latency(dsn: str, name: str, since: float | None = None) -> dict[
             if is_engine(name):
                 table, ts, seq = "greeks_history", "event_ts", "seq"
             else:
-                table, ts, seq = peer_table(name)
+                rows = peer_table(name)
+                if rows is None:  # stores nothing
+                    return None
+                table, ts, seq = rows
             row = await conn.fetchrow(
                 "SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY d), max(d) FROM"
                 f" (SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin) - {ts}) * 1000 AS d"

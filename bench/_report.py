@@ -85,16 +85,23 @@ def pipeline_targets(engine: Run, peers: dict[str, Run], command: str) -> list[d
 
 
 def _floor(peers: dict[str, Run], best: Run) -> dict[str, Any]:
-    """The reference beside the CPU target: ``bare_copy``'s CPU per tick (receive, decode, COPY,
+    """The references beside the CPU target: ``bare_copy``'s CPU per tick (receive, decode, COPY,
     nothing else) and the best peer's over it, the most any consumer of this feed into this
-    database could show against that peer."""
+    database could show against that peer; ``bare_recv``'s (the engine's own input received and
+    decoded, nothing stored) and its share of the target's budget (a fifth of the best peer's):
+    at 1.0 or more, receiving the frames alone costs what the target allows for everything."""
+    out: dict[str, Any] = {}
     bare = peers.get("bare_copy")
-    if bare is None or not bare.ticks_committed or not bare.cpu_us_per_tick:
-        return {}
-    return {
-        "bare_copy_us_per_tick": bare.cpu_us_per_tick,
-        "best_peer_over_bare_copy": round(best.cpu_us_per_tick / bare.cpu_us_per_tick, 2),
-    }
+    if bare is not None and bare.ticks_committed and bare.cpu_us_per_tick:
+        out["bare_copy_us_per_tick"] = bare.cpu_us_per_tick
+        out["best_peer_over_bare_copy"] = round(best.cpu_us_per_tick / bare.cpu_us_per_tick, 2)
+    recv = peers.get("bare_recv")
+    if recv is not None and recv.ticks_committed and recv.cpu_us_per_tick:
+        budget = best.cpu_us_per_tick / 5.0
+        out["target_us_per_tick"] = round(budget, 2)
+        out["bare_recv_us_per_tick"] = recv.cpu_us_per_tick
+        out["bare_recv_share_of_target"] = round(recv.cpu_us_per_tick / budget, 2)
+    return out
 
 
 def _target(name: str, met: bool, value: Any, command: str) -> dict[str, Any]:

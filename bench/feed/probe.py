@@ -37,7 +37,9 @@ class Counts:
     seqs: dict[str, int] = field(default_factory=dict)  # key -> highest seq seen
 
 
-async def ibkr(rest: str, ws_url: str, counts: Counts, stop: asyncio.Event) -> None:
+async def ibkr_start(rest: str) -> tuple[str, dict[int, str]]:
+    """The Client Portal's REST start-up: the session (the websocket's ``api`` cookie) and every
+    position's conid with its asset class (``OPT``, ``STK``, ...)."""
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{rest}/tickle") as r:
             session = (await r.json())["session"]
@@ -49,10 +51,15 @@ async def ibkr(rest: str, ws_url: str, counts: Counts, stop: asyncio.Event) -> N
             while True:
                 async with http.get(f"{rest}/portfolio/{account}/positions/{page}") as r:
                     rows = await r.json()
-                conids.update({row["conid"]: str(row["conid"]) for row in rows})
+                conids.update({row["conid"]: str(row.get("assetClass", "")) for row in rows})
                 if len(rows) < 100:
                     break
                 page += 1
+    return str(session), conids
+
+
+async def ibkr(rest: str, ws_url: str, counts: Counts, stop: asyncio.Event) -> None:
+    session, conids = await ibkr_start(rest)
     async with websockets.connect(ws_url, additional_headers={"Cookie": f"api={session}"}) as ws:
         fields = orjson.dumps({"fields": IBKR_FIELDS}).decode()
         authenticated = False

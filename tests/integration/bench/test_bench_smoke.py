@@ -32,7 +32,7 @@ def test_feed_serves_both_protocols(pg: PgTarget, tmp_path: Path) -> None:
     assert result["feed"]["offered"] == {b: sum(ledger[b].values()) for b in ("ibkr", "tastytrade")}
 
 
-@pytest.mark.parametrize("name", ["sdk_executemany", "bare_copy"])
+@pytest.mark.parametrize("name", ["sdk_executemany", "bare_copy", "bare_recv"])
 def test_one_peer_runs_and_adds_up(pg: PgTarget, name: str) -> None:
     with Bench(pg.admin_dsn, positions=40) as bench:
         run = bench.run(name, 300.0, 1.0)

@@ -22,3 +22,38 @@ def test_compact_values_become_records_in_column_order_whatever_the_layout() -> 
     )  # fmt: skip
     assert out[1] == out[0]
     assert records(layout, values[:-1]) == (out[:1], sent[:1])  # a cut event is left out
+
+
+# -- bare_recv: the engine's input, received and counted -----------------------------------------
+
+
+def test_bare_recv_asks_for_what_the_engine_asks_for() -> None:
+    # copied (the peers never import the engine): the copy must not drift from the engine's
+    from actors.ibkr.protocol import OPTION_FIELDS, UNDERLYING_FIELDS
+    from actors.tastytrade.protocol import REQUESTED_FIELDS
+    from bench.peers.bare import DX_FIELDS, IBKR_OPTION_FIELDS, IBKR_OTHER_FIELDS, engine_subscriptions
+    from normalize.tastytrade import OPTION_TYPES, UNDERLYING_TYPES
+
+    assert DX_FIELDS == {t: list(f) for t, f in REQUESTED_FIELDS.items()}
+    assert (IBKR_OPTION_FIELDS, IBKR_OTHER_FIELDS) == (list(OPTION_FIELDS), list(UNDERLYING_FIELDS))
+    subs = engine_subscriptions([("Greeks", ".SPY250117C500"), ("Quote", "SPY")])
+    assert [t for t, s in subs if s == ".SPY250117C500"] == list(OPTION_TYPES)
+    assert [t for t, s in subs if s == "SPY"] == list(UNDERLYING_TYPES)
+
+
+def test_bare_recv_counts_ticks_not_last_values_or_other_messages() -> None:
+    from bench.peers.bare import ibkr_ticks
+
+    frame = {"topic": "smd+265598", "conid": 265598, "_updated": 1_700_000_000_123, "31": "1.5", "_seq": 4}
+    assert ibkr_ticks(frame) == [1_700_000_000_123]
+    assert ibkr_ticks({**frame, "_seq": 0}) == []  # the last-value frame at subscription
+    assert ibkr_ticks({"topic": "sts", "args": {"authenticated": True}}) == []
+    assert ibkr_ticks([{"acctId": "U1"}]) == []
+
+
+def test_bare_recv_reads_send_times_by_the_layout() -> None:
+    from bench.peers.bare import dx_ticks
+
+    layout = ["eventSymbol", "sequence", "bidTime", "eventTime", "askTime"]
+    values = ["A", 3, 1_000, 0, 1_001, "B", 0, 2_000, 0, 2_001, "C", 5, 3_000, 0, 3_001, "D", 6]
+    assert dx_ticks(layout, values, "bidTime") == [1_000, 3_000]  # sequence 0 and a cut event: out
