@@ -68,6 +68,13 @@ class Stats:
         self.batches += 1
         self.maybe_write()
 
+    def record_frame(self, sent_ms: list[float], received_at: float) -> None:
+        """Record one received frame of a consumer that stores nothing (``bare_recv``): all its
+        ticks counted, the latency of its first (the frame's) kept: a floor must not pay a
+        histogram update per tick."""
+        self.record(sent_ms[:1], received_at)
+        self.committed += len(sent_ms) - 1
+
     def quantile_ms(self, q: float) -> float:
         if not self.count:
             return 0.0

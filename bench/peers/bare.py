@@ -13,7 +13,7 @@ any consumer of this feed into this database pays at least, a reference for the 
 ``bare_recv``: the floor under that floor: the engine's own input (both brokers, the same
 subscriptions and fields as the engine asks for: IBKR ``smd`` per position, DXLink Greeks and
 Quote per option, Quote and Trade per stock), every frame received with websockets and decoded
-with orjson, its ticks counted (and their receive latency kept), and nothing else: no
+with orjson, its ticks counted (and the receive latency of each frame kept), and nothing else: no
 normalization, no database at all. Its CPU per tick is what the engine pays before it does any
 of its own work; a target below it asks for less than receiving the frames costs.
 """
@@ -169,19 +169,22 @@ async def bare_recv(ready: dict[str, Any], dsn: str, stats: Stats) -> None:
         stats.state = "streaming"
         stats.maybe_write(force=True)
 
-        async def ibkr_reader() -> None:
+        async def subscribe() -> None:
+            for conid, asset_class in conids.items():
+                fields = IBKR_OPTION_FIELDS if asset_class == "OPT" else IBKR_OTHER_FIELDS
+                await ib.send(f"smd+{conid}+" + orjson.dumps({"fields": fields}).decode())
+
+        async def ibkr_reader(tg: asyncio.TaskGroup) -> None:
             subscribed = False
             async for raw in ib:
                 msg = orjson.loads(raw)
                 sent = ibkr_ticks(msg)
                 if sent:
-                    stats.record(sent, time.time())
+                    stats.record_frame(sent, time.time())
                 elif not subscribed and type(msg) is dict and msg.get("topic") == "sts":
                     if msg.get("args", {}).get("authenticated"):
                         subscribed = True
-                        for conid, asset_class in conids.items():
-                            fields = IBKR_OPTION_FIELDS if asset_class == "OPT" else IBKR_OTHER_FIELDS
-                            await ib.send(f"smd+{conid}+" + orjson.dumps({"fields": fields}).decode())
+                        tg.create_task(subscribe())  # reading on meanwhile: the replies come at once
 
         async def dx_reader() -> None:
             async for raw in dx:
@@ -191,12 +194,12 @@ async def bare_recv(ready: dict[str, Any], dsn: str, stats: Stats) -> None:
                     event_type, values = msg["data"]
                     sent = dx_ticks(layouts[event_type], values, DX_TIME[event_type])
                     if sent:
-                        stats.record(sent, time.time())
+                        stats.record_frame(sent, time.time())
                 elif kind == "FEED_CONFIG" and msg.get("eventFields"):
                     layouts.update(msg["eventFields"])
                 elif kind == "KEEPALIVE":
                     await dx.send('{"type":"KEEPALIVE","channel":0}')
 
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(ibkr_reader())
+            tg.create_task(ibkr_reader(tg))
             tg.create_task(dx_reader())

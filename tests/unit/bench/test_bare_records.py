@@ -57,3 +57,14 @@ def test_bare_recv_reads_send_times_by_the_layout() -> None:
     layout = ["eventSymbol", "sequence", "bidTime", "eventTime", "askTime"]
     values = ["A", 3, 1_000, 0, 1_001, "B", 0, 2_000, 0, 2_001, "C", 5, 3_000, 0, 3_001, "D", 6]
     assert dx_ticks(layout, values, "bidTime") == [1_000, 3_000]  # sequence 0 and a cut event: out
+
+
+def test_a_frame_counts_every_tick_and_keeps_one_latency() -> None:
+    from bench.peers._common import Stats
+
+    stats = Stats(None)
+    stats.record_frame([1_000.0, 1_000.0, 1_001.0], 1.002)  # received at 1,002 ms
+    stats.record_frame([1_004.0], 1.005)
+    assert (stats.committed, stats.count, stats.batches) == (4, 2, 2)
+    assert 0.9 <= stats.quantile_ms(0.5) <= 1.1
+    assert 0.9 <= stats.quantile_ms(1.0) <= 2.1
