@@ -505,11 +505,11 @@ def _mix(name: str) -> tuple[str, tuple[str, ...]]:
 
 
 def _expected(name: str, ready: dict[str, Any], broker: str) -> int:
-    """Held contracts the contestant subscribes: the engine (and ``bare_recv``, its input) all,
-    the streaming peers the options."""
+    """Held contracts the contestant subscribes: the engine, and whatever takes the engine's mix
+    (``bare_recv``), all; the streaming peers the options."""
     if name == "poll":
         return 0  # polling subscribes nothing
-    every = is_engine(name) or name == "bare_recv"
+    every = is_engine(name) or _mix(name)[0] == "both"
     return int(ready["positions"][broker] if every else ready["options"][broker])
 
 

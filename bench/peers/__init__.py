@@ -46,7 +46,6 @@ def peer(name: str) -> tuple[Main, str | None, tuple[str, ...]]:
 
 
 PEERS = ("sdk_execute", "sdk_executemany", "ibind_ws", "poll", "bare_copy", "bare_recv")
-FLOORS = ("bare_copy", "bare_recv")  # references, not peers a user would pick
 
 
 def peer_table(name: str) -> tuple[str, str, str] | None:

@@ -12,7 +12,8 @@ any consumer of this feed into this database pays at least, a reference for the 
 
 ``bare_recv``: the floor under that floor: the engine's own input (both brokers, the same
 subscriptions and fields as the engine asks for: IBKR ``smd`` per position, DXLink Greeks and
-Quote per option, Quote and Trade per stock), every frame received with websockets and decoded
+Quote per option, Quote and Trade per stock; not the options' underlyings the engine also
+subscribes, which tick once a second), every frame received with websockets and decoded
 with orjson, its ticks counted (and the receive latency of each frame kept), and nothing else: no
 normalization, no database at all. Its CPU per tick is what the engine pays before it does any
 of its own work; a target below it asks for less than receiving the frames costs.

@@ -1,10 +1,24 @@
-"""bench.peers.bare.records: COMPACT Greeks values to bare_ticks records, by the feed's layout."""
+"""bench.peers.bare: bare_copy's records (COMPACT Greeks values to bare_ticks records, by the
+feed's layout) and bare_recv's subscriptions and tick counting."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from bench.peers.bare import FIELDS, records
+from actors.ibkr.protocol import OPTION_FIELDS, UNDERLYING_FIELDS
+from actors.tastytrade.protocol import REQUESTED_FIELDS
+from bench.peers._common import Stats
+from bench.peers.bare import (
+    DX_FIELDS,
+    FIELDS,
+    IBKR_OPTION_FIELDS,
+    IBKR_OTHER_FIELDS,
+    dx_ticks,
+    engine_subscriptions,
+    ibkr_ticks,
+    records,
+)
+from normalize.tastytrade import OPTION_TYPES, UNDERLYING_TYPES
 
 
 def test_compact_values_become_records_in_column_order_whatever_the_layout() -> None:
@@ -29,11 +43,6 @@ def test_compact_values_become_records_in_column_order_whatever_the_layout() -> 
 
 def test_bare_recv_asks_for_what_the_engine_asks_for() -> None:
     # copied (the peers never import the engine): the copy must not drift from the engine's
-    from actors.ibkr.protocol import OPTION_FIELDS, UNDERLYING_FIELDS
-    from actors.tastytrade.protocol import REQUESTED_FIELDS
-    from bench.peers.bare import DX_FIELDS, IBKR_OPTION_FIELDS, IBKR_OTHER_FIELDS, engine_subscriptions
-    from normalize.tastytrade import OPTION_TYPES, UNDERLYING_TYPES
-
     assert DX_FIELDS == {t: list(f) for t, f in REQUESTED_FIELDS.items()}
     assert (IBKR_OPTION_FIELDS, IBKR_OTHER_FIELDS) == (list(OPTION_FIELDS), list(UNDERLYING_FIELDS))
     subs = engine_subscriptions([("Greeks", ".SPY250117C500"), ("Quote", "SPY")])
@@ -42,8 +51,6 @@ def test_bare_recv_asks_for_what_the_engine_asks_for() -> None:
 
 
 def test_bare_recv_counts_ticks_not_last_values_or_other_messages() -> None:
-    from bench.peers.bare import ibkr_ticks
-
     frame = {"topic": "smd+265598", "conid": 265598, "_updated": 1_700_000_000_123, "31": "1.5", "_seq": 4}
     assert ibkr_ticks(frame) == [1_700_000_000_123]
     assert ibkr_ticks({**frame, "_seq": 0}) == []  # the last-value frame at subscription
@@ -52,16 +59,12 @@ def test_bare_recv_counts_ticks_not_last_values_or_other_messages() -> None:
 
 
 def test_bare_recv_reads_send_times_by_the_layout() -> None:
-    from bench.peers.bare import dx_ticks
-
     layout = ["eventSymbol", "sequence", "bidTime", "eventTime", "askTime"]
     values = ["A", 3, 1_000, 0, 1_001, "B", 0, 2_000, 0, 2_001, "C", 5, 3_000, 0, 3_001, "D", 6]
     assert dx_ticks(layout, values, "bidTime") == [1_000, 3_000]  # sequence 0 and a cut event: out
 
 
 def test_a_frame_counts_every_tick_and_keeps_one_latency() -> None:
-    from bench.peers._common import Stats
-
     stats = Stats(None)
     stats.record_frame([1_000.0, 1_000.0, 1_001.0], 1.002)  # received at 1,002 ms
     stats.record_frame([1_004.0], 1.005)
