@@ -6,9 +6,11 @@ Two tasks around the pure parts:
 - the receiver takes everything queued on ``raw`` (each item is one frame's list of events),
   applies it to the book and adds the output to the :class:`~normalize.conflate.Outbox`; it never
   waits for the ``rows`` channel, so a slow writer never blocks the brokers;
-- the sender takes everything pending as one batch and sends it: one channel send per batch,
-  never per tick. When ``rows`` is full, the receiver's new rows are conflated (newest per
-  position wins, counted as ``conflated_total``) until the channel has room again.
+- while ``rows`` has room the receiver sends what is pending itself, as one batch: one channel
+  send per round, never per tick, and no task switch per round;
+- when ``rows`` is full the sender waits for room with the oldest pending batch; meanwhile the
+  receiver's new rows are conflated (newest per position wins, counted as ``conflated_total``)
+  until the channel has room again.
 
 The book and the outbox live outside one attempt: a restarted normalizer keeps its positions and
 its pending rows. When ``raw`` ends (every broker stopped in the drain) the sender sends what is
@@ -84,35 +86,54 @@ def make_normalizer(
             )
             ctx.publish("portfolio", portfolio_status(book.portfolio()))
 
-        async def sender() -> None:
-            nonlocal wake, blocked
+        def end_episode() -> None:
+            if outbox.episode_conflated:
+                ctx.log.warning(
+                    "rows_conflated",
+                    rows=outbox.end_episode(),
+                    conflated_total=outbox.conflated_total,
+                    detail="the rows channel was full: newest row per position kept",
+                )
+
+        def send_pending_nowait() -> bool:
+            """Send what is pending while ``rows`` has room; True once the outbox is empty,
+            False when the channel is full (the batch taken is put back, ahead of the rest)."""
             while True:
                 batch = outbox.take(max_rows_per_item)
                 if batch is None:
+                    return True
+                try:
+                    rows_out.send_nowait(batch)
+                except anyio.WouldBlock:
+                    outbox.requeue(batch)
+                    return False
+                except BaseException:
+                    outbox.requeue(batch)  # the writer's end closed: a restart sends it
+                    raise
+                end_episode()
+
+        async def sender() -> None:
+            # Wakes only when the receiver found ``rows`` full (or at the end): while the
+            # channel has room the receiver sends itself, without a task switch per item.
+            nonlocal wake, blocked
+            while True:
+                if send_pending_nowait():
                     if not receiving:
                         return
                     await wake.wait()
                     wake = anyio.Event()
                     continue
+                batch = outbox.take(max_rows_per_item)
+                assert batch is not None
+                blocked = True
                 try:
-                    rows_out.send_nowait(batch)
-                except anyio.WouldBlock:
-                    blocked = True
-                    try:
-                        await rows_out.send(batch)
-                    except BaseException:
-                        outbox.requeue(batch)  # cancelled or failed: the next attempt sends it
-                        raise
-                    finally:
-                        blocked = False
-                    continue
-                if outbox.episode_conflated:
-                    ctx.log.warning(
-                        "rows_conflated",
-                        rows=outbox.end_episode(),
-                        conflated_total=outbox.conflated_total,
-                        detail="the rows channel was full: newest row per position kept",
-                    )
+                    await rows_out.send(batch)
+                except BaseException:
+                    outbox.requeue(batch)  # cancelled or failed: the next attempt sends it
+                    raise
+                finally:
+                    blocked = False
+                end_episode()
 
         with rows_out:
             async with anyio.create_task_group() as tg:
@@ -131,7 +152,10 @@ def make_normalizer(
                             events += len(item)
                         out = book.apply(event for batch in items for event in batch)
                         outbox.add(out.rows, out.positions, out.sessions, blocked=blocked)
-                        wake.set()
+                        # Sent here while the channel has room (the sender idle: nothing of its
+                        # own in flight, so the order holds); else the sender waits for room.
+                        if blocked or not send_pending_nowait():
+                            wake.set()
                         ctx.record_events(len(out.rows))
                         if book.bad_events != bad_seen:
                             ctx.log.error(

@@ -335,9 +335,13 @@ class _Writer:
                 # that one is done (one write at a time on the connection, in order).
                 prepared = await self._prepare(batch, cols)
                 await self._write_done()
-                self._start_submit(batch, prepared)
-                if not self.pipeline:
-                    await self._write_done()
+                if self.pipeline and self._overlaps(batch):
+                    self._start_submit(batch, prepared)
+                else:
+                    # Below the linger's rate the next small batch waits for this write anyway
+                    # (above): written in this task, what arrives meanwhile waits on the
+                    # channel, and no task is started, nor woken twice, per commit.
+                    await self._submit(batch, prepared)
             self._maybe_publish()
             if eof:
                 return
@@ -380,6 +384,12 @@ class _Writer:
         except BatchDataError:
             return None  # raised again by the write, which sets the batch aside
         return prepared
+
+    def _overlaps(self, batch: Batch) -> bool:
+        """Whether ``batch`` is written beside the loop (which gathers and encodes the next batch
+        meanwhile): under load (the linger's rate) or when it is large."""
+        builder = self.builder
+        return builder.rate_rows_s >= builder.linger_from_rows_s or len(batch.rows) >= SMALL_BATCH_ROWS
 
     def _write_in_flight(self) -> bool:
         return self._in_flight is not None and not self._in_flight.is_set()
