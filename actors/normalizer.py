@@ -108,7 +108,7 @@ def make_normalizer(
                     outbox.requeue(batch)
                     return False
                 except BaseException:
-                    outbox.requeue(batch)  # the writer's end closed: a restart sends it
+                    outbox.requeue(batch)  # a closed channel: the batch stays pending, nothing lost
                     raise
                 end_episode()
 

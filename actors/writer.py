@@ -316,12 +316,7 @@ class _Writer:
             if delay > 0:  # under load: let the batch grow (BATCH_LINGER_MS)
                 await anyio.sleep(delay)
                 eof = self._gather(rx)
-            elif (
-                not eof
-                and self._write_in_flight()
-                and len(self.builder.rows) < SMALL_BATCH_ROWS
-                and self.builder.rate_rows_s < self.builder.linger_from_rows_s
-            ):
+            elif not eof and self._write_in_flight() and self._small_and_quiet(len(self.builder.rows)):
                 # Below the linger's rate a small batch (cheap to encode) waits for the write in
                 # flight, and what arrives meanwhile joins it instead of waiting for one more
                 # commit: fewer commits, no added wait.
@@ -335,7 +330,7 @@ class _Writer:
                 # that one is done (one write at a time on the connection, in order).
                 prepared = await self._prepare(batch, cols)
                 await self._write_done()
-                if self.pipeline and self._overlaps(batch):
+                if self.pipeline and not self._small_and_quiet(len(batch.rows)):
                     self._start_submit(batch, prepared)
                 else:
                     # Below the linger's rate the next small batch waits for this write anyway
@@ -385,11 +380,12 @@ class _Writer:
             return None  # raised again by the write, which sets the batch aside
         return prepared
 
-    def _overlaps(self, batch: Batch) -> bool:
-        """Whether ``batch`` is written beside the loop (which gathers and encodes the next batch
-        meanwhile): under load (the linger's rate) or when it is large."""
-        builder = self.builder
-        return builder.rate_rows_s >= builder.linger_from_rows_s or len(batch.rows) >= SMALL_BATCH_ROWS
+    def _small_and_quiet(self, rows: int) -> bool:
+        """A batch of ``rows`` is small (encoded in one go) and rows arrive below the linger's
+        rate: it waits for the write in flight, and is itself written in the loop's task (a
+        larger one, or any under load, is written beside the loop, which meanwhile gathers and
+        encodes the next)."""
+        return rows < SMALL_BATCH_ROWS and self.builder.rate_rows_s < self.builder.linger_from_rows_s
 
     def _write_in_flight(self) -> bool:
         return self._in_flight is not None and not self._in_flight.is_set()
