@@ -96,6 +96,8 @@ class Run:
     # how it was measured
     feed_cpu_s: float = 0.0
     db_cpu_s: float = 0.0
+    busy_s: float = 0.0  # from the start of the stream to the last commit: the CPU figures' window
+    cores: dict[str, float] = field(default_factory=dict)  # see :meth:`cores_used`
     offered_per_s: float = 0.0
     behind: int = 0
     drain_s: float = 0.0
@@ -115,6 +117,17 @@ class Run:
 
     def detail(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in RESULT_KEYS}
+
+    def cores_used(self) -> dict[str, float]:
+        """How many cores each process kept busy while the contestant streamed: its CPU seconds
+        (``cpu_s``, ``feed_cpu_s``, ``db_cpu_s``) over ``busy_s``; empty before a run."""
+        if self.busy_s <= 0:
+            return {}
+        return {
+            "contestant": round(self.cpu_s / self.busy_s, 2),
+            "feed": round(self.feed_cpu_s / self.busy_s, 2),
+            "database": round(self.db_cpu_s / self.busy_s, 2),
+        }
 
     def sustained(self, target: float) -> bool:
         """Kept up: the feed offered what was asked (the contestant held nothing back through
@@ -430,6 +443,8 @@ class Bench:
             result.feed_cpu_s = round(f1 - f0, 2)
             result.db_cpu_s = round(d1 - d0, 2)
             result.drain_s = round(t_drained - t_stop, 2)
+            result.busy_s = round(t_drained - t0, 2)
+            result.cores = result.cores_used()
             described = _http(f"{control}/feed")  # final: frames in flight at /stop are counted too
             offered = described["offered"]
             result.ticks_offered = sum(offered[b] for b in brokers)

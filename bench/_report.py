@@ -23,7 +23,7 @@ def table(runs: list[Run]) -> str:
     header = (
         f"{'contestant':<17}{'rate/s':>9}{'offered':>11}{'committed':>11}{'lost':>11}{'ticks/s':>10}"
         f"{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'cpu s':>7}{'us/tick':>9}{'rss MB':>8}"
-        f"{'confl':>11}{'feed s':>7}{'db s':>6}"
+        f"{'confl':>11}{'feed s':>7}{'db s':>6}  {'cores c/f/db':<14}"
     )
     lines = [header, "-" * len(header)]
     for r in runs:
@@ -32,11 +32,18 @@ def table(runs: list[Run]) -> str:
             f"{r.name:<17}{r.rate:>9,.0f}{r.ticks_offered:>11,}{r.ticks_committed:>11,}{r.lost:>11,}"
             f"{r.ticks_per_s:>10,.0f}{lat.get('p50', 0):>9.2f}{lat.get('p95', 0):>9.2f}"
             f"{lat.get('p99', 0):>9.2f}{lat.get('max', 0):>9.1f}{r.cpu_s:>7.2f}{r.cpu_us_per_tick:>9.1f}"
-            f"{r.peak_rss_mb:>8.1f}{r.conflated:>11,}{r.feed_cpu_s:>7.2f}{r.db_cpu_s:>6.2f}"
+            f"{r.peak_rss_mb:>8.1f}{r.conflated:>11,}{r.feed_cpu_s:>7.2f}{r.db_cpu_s:>6.2f}  {_cores(r):<14}"
         )
         if r.error:
             lines.append(f"    error: {r.error[:300]}")
     return "\n".join(lines)
+
+
+def _cores(run: Run) -> str:
+    """``contestant/feed/database`` cores busy (``Run.cores``: per run, or the medians of
+    repeated runs), or ``-``."""
+    c = run.cores
+    return f"{c['contestant']:.2f}/{c['feed']:.2f}/{c['database']:.2f}" if c else "-"
 
 
 def pipeline_targets(engine: Run, peers: dict[str, Run], command: str) -> list[dict[str, Any]]:

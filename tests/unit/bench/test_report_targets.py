@@ -1,9 +1,9 @@
-"""bench._report.pipeline_targets: the CPU target, with the floors beside it."""
+"""bench._report: the CPU target with the floors beside it; the cores each process kept busy."""
 
 from __future__ import annotations
 
 from bench._harness import Run
-from bench._report import pipeline_targets
+from bench._report import pipeline_targets, table
 
 
 def _run(name: str, us_per_tick: float, committed: int = 1000) -> Run:
@@ -45,3 +45,18 @@ def test_a_floor_that_did_not_run_or_received_nothing_is_left_out() -> None:
     assert isinstance(measured, dict)
     assert "bare_recv_us_per_tick" not in measured
     assert "bare_copy_us_per_tick" not in measured
+
+
+def test_cores_used_are_each_process_cpu_over_the_busy_window() -> None:
+    run = Run("engine", 2000.0, 10.0, cpu_s=4.0, feed_cpu_s=1.5, db_cpu_s=2.5, busy_s=10.0)
+    assert run.cores_used() == {"contestant": 0.4, "feed": 0.15, "database": 0.25}
+    assert Run("engine", 2000.0, 10.0, cpu_s=4.0).cores_used() == {}  # no run: no window
+
+
+def test_the_table_shows_the_cores_of_each_run_and_a_dash_before_one() -> None:
+    ran = Run("engine", 2000.0, 10.0, cpu_s=4.0, feed_cpu_s=1.5, db_cpu_s=2.5, busy_s=10.0)
+    ran.cores = ran.cores_used()
+    header, _rule, ran_line, idle_line = table([ran, Run("bare_recv", 2000.0, 10.0)]).splitlines()
+    assert header.rstrip().endswith("cores c/f/db")
+    assert ran_line.rstrip().endswith("0.40/0.15/0.25")
+    assert idle_line.rstrip().endswith("-")
