@@ -163,14 +163,23 @@ def many_held(count: int, quantity: float = 1.0) -> tuple[UnifiedPosition, ...]:
     """``count`` distinct option positions of one ibkr account."""
     return tuple(
         UnifiedPosition(
-            "ibkr", ACCOUNT, f"SPY   270115C{i:08d}", "SPY", AssetClass.OPTION, Right.CALL,
-            float(i), date(2027, 1, 15), 100.0, quantity, 2.5,
-        )  # fmt: skip
+            "ibkr",
+            ACCOUNT,
+            f"SPY   270115C{i:08d}",
+            "SPY",
+            AssetClass.OPTION,
+            Right.CALL,
+            float(i),
+            date(2027, 1, 15),
+            100.0,
+            quantity,
+            2.5,
+        )
         for i in range(1, count + 1)
     )
 
 
-async def test_a_positions_refresh_finds_the_closed_ones_by_one_hash_not_a_scan_per_position(dsn: str) -> None:
+async def test_a_positions_refresh_finds_the_closed_ones_by_a_hash_not_a_scan_per_position(dsn: str) -> None:
     # Arrange: 400 positions stored, then a newer snapshot of the same account listing all of
     # them but the first (one closed) and the quantities changed.
     await migrate(dsn)
@@ -179,7 +188,8 @@ async def test_a_positions_refresh_finds_the_closed_ones_by_one_hash_not_a_scan_
         dims = Dimensions()  # the writer's cache: the ids the first snapshot created
         first = PositionsSnapshot("ibkr", (ACCOUNT,), many_held(400), 1.0)
         await write_batch(conn, Batch(uuid.uuid4(), [], (first,)), dims=dims)
-        newer = Batch(uuid.uuid4(), [], (PositionsSnapshot("ibkr", (ACCOUNT,), many_held(400, 2.0)[1:], 2.0),))
+        refreshed = PositionsSnapshot("ibkr", (ACCOUNT,), many_held(400, 2.0)[1:], 2.0)
+        newer = Batch(uuid.uuid4(), [], (refreshed,))
         prepared = Prepared(newer, dims, COPY_MIN_ROWS).run(dims)
         params = positions_params(prepared.accounts, dims.positions)
 
