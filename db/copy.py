@@ -105,12 +105,26 @@ WITH batch AS (
     WHERE (EXCLUDED.event_ts, EXCLUDED.received_ts) >= (l.event_ts, l.received_ts)
 )"""
 
+
+# Half float4's smallest subnormal (2**-150, exact in float8): a float8 of at most this magnitude
+# rounds to zero in float4, which PostgreSQL refuses ("value out of range: underflow") where
+# binary COPY (struct's "f", the C packer) stores zero.
+FLOAT4_UNDERFLOW = 2.0**-150
+
+
+def _real(column: str) -> str:
+    """SQL: a float8 ``column`` as history's ``real`` takes it: too small for float4 -> zero of
+    its sign (as the COPY path stores it); NULL, NaN and the rest as they are (beyond float4's
+    range still fails: a value no column can hold)."""
+    return f"CASE WHEN abs({column}) <= {FLOAT4_UNDERFLOW!r}::float8 THEN {column} * 0 ELSE {column} END"
+
+
 # The one-statement write: ledger row, history rows and latest upsert; true unless the batch id
-# was committed before (then nothing is written).
+# was committed before (then nothing is written). greeks_latest keeps float8 as it came.
 WRITE_ROWS = f"""{_LEDGER_AND_ROWS}, history AS (
     INSERT INTO greeks_history ({", ".join(HISTORY_COLUMNS)})
     SELECT event_ts, received_ts, quantity, bid, ask, last, mark, underlying_price, seq,
-           position_id, iv, delta, gamma, theta, vega, rho,
+           position_id, {", ".join(_real(c) for c in ("iv", "delta", "gamma", "theta", "vega", "rho"))},
            CASE greeks_source WHEN 'broker' THEN 'b' WHEN 'model' THEN 'm' END::"char"
     FROM r
 )

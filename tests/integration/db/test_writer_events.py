@@ -4,6 +4,7 @@ in the batch's own transaction, values no column can hold, and old spools replay
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
@@ -313,6 +314,34 @@ async def test_a_greek_beyond_float4_sets_its_batch_aside(
     assert harness.events("batch_rejected")
     assert await count(dsn, "SELECT count(*) FROM greeks_history") == 1
     assert await count(dsn, "SELECT max(seq) FROM greeks_history") == 2
+
+
+@pytest.mark.parametrize("copy_min_rows", [COPY_MIN_ROWS, 1], ids=["one-statement", "copy"])
+async def test_a_greek_too_small_for_float4_is_stored_as_zero_with_its_batch(
+    dsn: str, db_settings: DatabaseSettings, copy_min_rows: int
+) -> None:
+    # A deep out-of-the-money option's gamma can be 1e-50: below float4's smallest value, not
+    # out of its range. History keeps it as (signed) zero, the latest state (float8) as it is;
+    # nothing is set aside.
+    harness = WriterHarness(db_settings, dsn, kwargs={"copy_min_rows": copy_min_rows})
+    tiny = snapshot(1)._replace(gamma=1e-50, rho=-1e-300, vega=2e-45, theta=7.006492321624085e-46)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(harness.run)
+            async with harness.send:
+                await harness.send.send([snapshot(0), tiny])
+                await harness.wait_for(lambda s: s["rows_total"] + s["rejected_rows"] == 2)
+
+    assert harness.status["rejected_rows"] == 0
+    assert not harness.events("batch_rejected")
+    history = await fetch(dsn, "SELECT gamma, rho, vega, theta, delta FROM greeks_history WHERE seq = 1")
+    (row,) = history
+    assert (row["gamma"], row["rho"], row["theta"]) == (0.0, 0.0, 0.0)
+    assert math.copysign(1.0, row["rho"]) == -1.0  # the sign kept
+    assert row["vega"] == pytest.approx(2.8e-45)  # a float4 subnormal: kept, rounded to 2 x 2**-149
+    assert row["delta"] == pytest.approx(tiny.delta, rel=1e-6)
+    (latest,) = await fetch(dsn, "SELECT gamma, rho FROM greeks_latest WHERE seq = 1")
+    assert (latest["gamma"], latest["rho"]) == (1e-50, -1e-300)
 
 
 def _old_frame(fields: tuple[str, ...], rows: list[Any]) -> bytes:
