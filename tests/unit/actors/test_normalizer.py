@@ -4,6 +4,7 @@ flush out, the shutdown drain, conflation under a full channel, portfolio in the
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
 import anyio
 import pytest
@@ -90,6 +91,51 @@ async def test_events_become_rows_in_few_batches_and_nothing_is_lost_at_shutdown
     assert doc["actors"]["normalizer"]["positions"] == 2
     assert doc["portfolio"]["total"]["delta"] == pytest.approx(50.0)
     assert doc["portfolio"]["by_underlying"]["SPY"]["positions"] == 2
+
+
+async def test_the_portfolio_is_summed_over_rounds_and_only_a_whole_one_is_published() -> None:
+    # One instrument a round and a publication due at every round: the sum of the two options
+    # and their underlying takes three rounds, and the status only ever shows a whole portfolio.
+    produced = anyio.Event()
+    seen: list[dict[str, Any]] = []
+    ticks = iter(range(0, 10**6, 10))
+    registry = StatusRegistry(mode="simulated", clock=lambda: 0.0)
+
+    async def producer(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        await ctx.senders["raw"].send([SNAPSHOT])
+        for b in range(20):
+            await ctx.senders["raw"].send([update(KEYS[b % 2], b)])
+            await ctx.senders["raw"].send([])  # a round boundary the normalizer waits for below
+            for _ in range(5):
+                await anyio.lowlevel.checkpoint()
+            portfolio = render_status(registry, 0.0).get("portfolio")
+            if portfolio:
+                seen.append(portfolio)
+        produced.set()
+        await anyio.sleep_forever()
+
+    async def sink(ctx: ActorContext, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        async for _batch in ctx.receivers["rows"]:
+            pass
+
+    specs = [
+        ActorSpec("sink", sink, inputs=("rows",)),
+        ActorSpec(
+            "normalizer",
+            make_normalizer(max_portfolio_step=1, clock=lambda: float(next(ticks))),
+            inputs=("raw",),
+            outputs=("rows",),
+        ),
+        ActorSpec("producer", producer, outputs=("raw",)),
+    ]
+    await run_tree(specs, registry, 64, produced)
+    assert seen, "no portfolio published"
+    for portfolio in seen:  # both positions (with a row or without), never a part of the sum
+        assert portfolio["total"]["positions"] + portfolio["positions_without_data"] == 2
+    final = render_status(registry, 0.0)["portfolio"]["total"]
+    assert final["delta"] == pytest.approx(50.0)
 
 
 @pytest.mark.parametrize("keep_rows", [0, 1000], ids=["conflate-at-once", "backlog-kept"])
