@@ -452,6 +452,31 @@ def test_c_fast_path_takes_the_usual_updates() -> None:
     assert book.portfolio()["total"]["delta"] == pytest.approx(60.0)
 
 
+def test_a_refresh_rebuilds_only_the_instruments_whose_positions_changed() -> None:
+    book = book_with(option(CALL, 2), option(PUT, -1), stock(100))
+    before = {k: book._instruments[("ibkr", k)].holders for k in (CALL, PUT, "SPY")}
+
+    # The same call, the put's quantity changed, the stock closed (no longer listed).
+    book.apply([snapshot(option(CALL, 2), option(PUT, -3))])
+
+    assert book._instruments[("ibkr", CALL)].holders is before[CALL]  # not rebuilt
+    assert book._instruments[("ibkr", PUT)].holders is not before[PUT]
+    assert [h.factor for h in book._instruments[("ibkr", PUT)].holders] == [-300.0]
+    assert book._instruments[("ibkr", "SPY")].holders == []  # closed: no holder left
+    rows = book.apply([update(CALL, **GREEKS), update(PUT, **GREEKS), update("SPY", last=500.0)]).rows
+    assert [(r.instrument, r.quantity, r.pos_delta) for r in rows] == [(CALL, 2, 100.0), (PUT, -3, -150.0)]
+
+
+def test_a_snapshot_refused_for_a_foreign_position_leaves_the_book_as_it_was() -> None:
+    book = book_with(option(CALL, 2), option(PUT, -1))
+    out = book.apply([snapshot(option(CALL, 5), option(PUT, -1, broker="tastytrade"))])
+    assert book.bad_events == 1
+    assert out.positions == []
+    assert sorted((p.instrument, p.quantity) for p in book.positions()) == [(CALL, 2), (PUT, -1)]
+    (row,) = book.apply([update(CALL, **GREEKS)]).rows
+    assert row.pos_delta == pytest.approx(100.0)
+
+
 def test_the_portfolio_summed_in_steps_is_the_portfolio_and_each_step_is_bounded() -> None:
     book = book_with(option(CALL, 2), option(PUT, -1), stock(100), stock(10, ticker="AAPL"))
     book.apply([update("SPY", bid=499.99, ask=500.01), update(CALL, **GREEKS), update("AAPL", last=200.0)])
