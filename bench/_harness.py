@@ -538,7 +538,9 @@ def _engine_env(ready: dict[str, Any], dsn: str, workdir: Path, brokers: tuple[s
             "LOG_LEVEL": "WARNING",
             "BROKERS": ",".join(brokers),
             "IBKR_GATEWAY_URL": ready["ibkr_base"],
-            "IBKR_MAX_SUBSCRIPTIONS": "1000",
+            # every held contract and its underlyings: above the engine's default (the market
+            # data lines of an ordinary account), so that --positions above 1,000 streams them all
+            "IBKR_MAX_SUBSCRIPTIONS": str(max(1000, 2 * int(ready["positions"]["ibkr"]))),
             "TT_API_URL": ready["tastytrade_api"],
             "TT_CLIENT_SECRET": ready["tt_client_secret"],
             "TT_REFRESH_TOKEN": ready["tt_refresh_token"],
