@@ -34,7 +34,7 @@ DXLink events (:func:`map_feed`) in canonical units (``normalize/events.py``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from actors.tastytrade.protocol import EVENT_FIELDS
 from normalize.events import InstrumentUpdate, PositionsSnapshot
 from normalize.model import AssetClass, Right, UnifiedPosition
+from normalize.steps import finish
 from normalize.symbology import occ_symbol, occ_to_streamer, parse_occ
 
 if TYPE_CHECKING:
@@ -187,10 +188,21 @@ def map_position(row: PositionRow) -> UnifiedPosition | str | None:
 
 def map_positions(rows: Iterable[PositionRow]) -> MappedPositions:
     """SDK positions -> canonical positions (closed rows left out, unsupported ones reported)."""
+    return finish(map_positions_steps(rows, step=0))
+
+
+def map_positions_steps(
+    rows: Iterable[PositionRow], *, step: int = 500
+) -> Generator[None, None, MappedPositions]:
+    """:func:`map_positions`, yielding after every ``step`` rows (0: never), its result the
+    generator's return value: a caller with an event loop lets other work run in between. The
+    same rows give the same result, whatever the step."""
     positions: list[UnifiedPosition] = []
     skipped: list[str] = []
     closed = 0
-    for row in rows:
+    for n, row in enumerate(rows, 1):
+        if step and not n % step:
+            yield
         result = map_position(row)
         if result is None:
             closed += 1

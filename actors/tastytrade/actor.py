@@ -40,6 +40,7 @@ from anyio.abc import TaskStatus
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from actors.steps import MAP_STEP_ROWS, finish_in_steps
 from actors.tastytrade.protocol import (
     MAX_CHUNK_BYTES,
     Authorized,
@@ -64,7 +65,7 @@ from normalize.tastytrade import (
     BROKER,
     SubscriptionPlan,
     map_feed,
-    map_positions,
+    map_positions_steps,
     positions_snapshot,
     subscription_plan,
 )
@@ -213,7 +214,8 @@ class _Attempt:
 
     async def _load_positions(self) -> tuple[list[Subscription], list[Subscription]]:
         """Fetch positions, send the snapshot, switch to the new plan; ``(add, remove)``."""
-        mapped = map_positions(await self.rest.positions())
+        rows = await self.rest.positions()
+        mapped = await finish_in_steps(map_positions_steps(rows, step=MAP_STEP_ROWS))
         if mapped.skipped:
             self.log.warning(
                 "positions_skipped", count=len(mapped.skipped), examples=list(mapped.skipped[:5])

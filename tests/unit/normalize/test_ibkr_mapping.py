@@ -18,6 +18,7 @@ from normalize.ibkr import (
     contract_from_row,
     instrument_update,
     map_positions,
+    map_positions_steps,
     needs_secdef,
     parse_iv,
     parse_last,
@@ -26,6 +27,7 @@ from normalize.ibkr import (
     update_values,
 )
 from normalize.model import AssetClass, Right
+from normalize.steps import finish
 from normalize.symbology import occ_symbol
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "ibkr"
@@ -246,6 +248,23 @@ def test_futures_are_keyed_and_other_classes_refused() -> None:
     for kind in ("FOP", "CASH", "BOND", None):
         with pytest.raises(IbkrMappingError):
             contract_from_row({**OPTION_ROW, "assetClass": kind, "contractDesc": "X"})
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7])
+def test_map_positions_in_steps_maps_the_same_and_yields_every_step_rows(step: int) -> None:
+    rows = [
+        OPTION_ROW,
+        {**OPTION_ROW, "acctId": "DU999999", "position": -2},
+        stock_row(acctId="DU123456"),
+        stock_row(conid=756733, ticker="SPY", contractDesc="SPY", position=0),
+        {**OPTION_ROW, "conid": 5, "assetClass": "FOP"},
+        "not a row",
+    ]
+    yields = sum(1 for _ in map_positions_steps(rows, step=step))  # type: ignore[arg-type]
+    mapped = finish(map_positions_steps(rows, step=step))  # type: ignore[arg-type]
+    assert yields == len(rows) // step
+    assert mapped == map_positions(rows)  # type: ignore[arg-type]
+    assert len(mapped.positions) == 3
 
 
 def test_map_positions_same_contract_in_two_accounts_and_skips() -> None:

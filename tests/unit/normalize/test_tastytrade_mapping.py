@@ -23,11 +23,13 @@ from actors.tastytrade.protocol import (
 )
 from normalize.events import InstrumentUpdate
 from normalize.model import AssetClass, Right, UnifiedPosition
+from normalize.steps import finish
 from normalize.tastytrade import (
     BROKER,
     SubscriptionPlan,
     map_feed,
     map_positions,
+    map_positions_steps,
     positions_snapshot,
     subscription_plan,
 )
@@ -67,6 +69,22 @@ def option(symbol: str, underlying: str, quantity: str, direction: str, **extra:
 
 
 # --------------------------------------------------------------------------- positions
+
+
+@pytest.mark.parametrize("step", [1, 2, 5])
+def test_map_positions_in_steps_maps_the_same_and_yields_every_step_rows(step: int) -> None:
+    rows = [
+        position(),
+        option("SPY   250117C00440000", "SPY", "2", "Long"),
+        option("SPY   250117P00400000", "SPY", "0", "Zero"),
+        position(**{"instrument-type": "Bond", "symbol": "XYZ"}),
+        option("QQQ   250117C00400000", "QQQ", "3", "Short"),
+    ]
+    yields = sum(1 for _ in map_positions_steps(rows, step=step))
+    mapped = finish(map_positions_steps(rows, step=step))
+    assert yields == len(rows) // step
+    assert mapped == map_positions(rows)
+    assert (len(mapped.positions), mapped.closed, len(mapped.skipped)) == (3, 1, 1)
 
 
 def test_docs_stock_position() -> None:
