@@ -7,6 +7,8 @@ from typing import TypeVar
 
 import anyio.lowlevel
 
+from normalize.steps import advance
+
 T = TypeVar("T")
 
 # Positions rows mapped between two checkpoints (about 5 ms of work): 5,000 positions mapped in
@@ -16,11 +18,7 @@ MAP_STEP_ROWS = 500
 
 async def finish_in_steps(steps: Generator[None, None, T]) -> T:
     """Run ``steps`` to its end, letting the other tasks run between its slices (a checkpoint
-    at every yield); its result."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            result: T = done.value
-            return result
+    after each); its result."""
+    while (done := advance(steps)) is None:
         await anyio.lowlevel.checkpoint()
+    return done.value
