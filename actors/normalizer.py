@@ -23,15 +23,16 @@ Status: ``actors.normalizer`` gains ``conflated_total``, ``bad_events``, ``model
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
-from normalize.book import Book, PortfolioSum
+from normalize.book import Book
 from normalize.conflate import Outbox
+from normalize.steps import Done, advance, finish
 from supervisor.context import ActorContext
 from supervisor.spec import RunFn
 
@@ -46,7 +47,7 @@ MAX_EVENTS_PER_ROUND = 2000
 # (up to CONFLATE_AFTER_ROWS, then conflated): memory stays bounded when the writer is slower than
 # the feed.
 MAX_ROWS_PER_ITEM = 500
-# Instruments added to the portfolio's sum per round (Book.portfolio_sum): about 2 ms of work. The
+# Instruments added to the portfolio's sum per round (Book.portfolio_steps): about 2 ms of work. The
 # whole sum in one go took 20 ms once a second with 10,000 positions held (p99 at 2,000 ticks/s
 # 20 to 36 ms there, against about 3 ms with 500).
 MAX_PORTFOLIO_STEP = 1000
@@ -76,7 +77,7 @@ def make_normalizer(
         blocked = False
         receiving = True
         last_publish = -PUBLISH_INTERVAL_S
-        portfolio: PortfolioSum | None = None  # a sum in progress, over several rounds
+        portfolio: Generator[None, None, dict[str, Any]] | None = None  # a sum over several rounds
 
         def publish(force: bool = False) -> None:
             # Once a second: the counters at once, the portfolio summed over this and the next
@@ -94,9 +95,10 @@ def make_normalizer(
                     model_rows=book.model_rows_total,
                     positions=len(book.positions()),
                 )
-                portfolio = book.portfolio_sum()
-            if portfolio.step(None if force else max_portfolio_step):
-                ctx.publish("portfolio", portfolio_status(portfolio.result()))
+                portfolio = book.portfolio_steps(max_portfolio_step)
+            done = Done(finish(portfolio)) if force else advance(portfolio)
+            if done is not None:
+                ctx.publish("portfolio", portfolio_status(done.value))
                 portfolio = None
 
         def end_episode() -> None:

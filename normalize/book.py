@@ -40,7 +40,7 @@ skipped, never raised: one bad tick must not take the book down.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -55,6 +55,7 @@ from normalize.events import (
     SessionStarted,
 )
 from normalize.model import AssetClass, GreeksSnapshot, GreeksSource, UnifiedPosition
+from normalize.steps import finish
 
 SECONDS_PER_YEAR = 365.0 * 86400.0
 MODEL = GreeksSource.MODEL.value
@@ -427,41 +428,21 @@ class Book:
         total, across brokers: ``{"as_of", "total", "by_underlying", "positions_without_data"}``.
         Totals are position exposures (see the module docstring); ``as_of`` is the newest event
         time that went into them (POSIX seconds, or None)."""
-        total = self.portfolio_sum()
-        total.step()
-        return total.result()
+        return finish(self.portfolio_steps())
 
-    def portfolio_sum(self) -> PortfolioSum:
-        """:meth:`portfolio` in steps (:class:`PortfolioSum`), over the instruments held now."""
-        return PortfolioSum(list(self._instruments.values()))
-
-
-class PortfolioSum:
-    """:meth:`Book.portfolio` taken a few instruments at a time: :meth:`step` adds up to
-    ``limit`` instruments' latest state, :meth:`result` gives the portfolio once every one is in.
-    A large book's sum (about 2 us an instrument: 20 ms for 10,000) can so be spread over several
-    rounds of the normalizer instead of holding up the event loop at once; an instrument's state
-    is read when its turn comes (the figures stay a sum of each position's latest row)."""
-
-    __slots__ = ("_as_of", "_i", "_missing", "_records", "_sums")
-
-    def __init__(self, records: list[_Instrument]) -> None:
-        self._records = records
-        self._i = 0
-        self._sums: dict[str, list[float]] = {}
-        self._as_of: float | None = None
-        self._missing = 0
-
-    @property
-    def done(self) -> bool:
-        return self._i >= len(self._records)
-
-    def step(self, limit: int | None = None) -> bool:
-        """Add the next ``limit`` instruments (None: all the rest); True once all are in."""
-        records = self._records
-        stop = len(records) if limit is None else min(self._i + max(limit, 1), len(records))
-        sums, as_of, missing = self._sums, self._as_of, self._missing
-        for rec in records[self._i : stop]:
+    def portfolio_steps(self, step: int = 0) -> Generator[None, None, dict[str, Any]]:
+        """:meth:`portfolio` as a step generator (:mod:`normalize.steps`): it yields after every
+        ``step`` instruments (0: never), over the instruments held when it starts. A large book's
+        sum (about 2 us an instrument: 20 ms for 10,000) can so be spread over several rounds of
+        the normalizer instead of holding up the event loop at once; an instrument's state is
+        read when its turn comes (the figures stay a sum of each position's latest row)."""
+        records = list(self._instruments.values())
+        sums: dict[str, list[float]] = {}
+        as_of: float | None = None
+        missing = 0
+        for i, rec in enumerate(records):
+            if step and i and not i % step:  # after every step instruments, never after the last
+                yield
             holders = rec.holders
             if not holders:
                 continue
@@ -490,25 +471,16 @@ class PortfolioSum:
                     s[4] += theta * f
                 if vega is not None:
                     s[5] += vega * f
-        self._i = stop
-        self._as_of, self._missing = as_of, missing
-        return self.done
-
-    def result(self) -> dict[str, Any]:
-        """The portfolio (:meth:`Book.portfolio`'s shape); every instrument must be in."""
-        if not self.done:
-            raise RuntimeError("the portfolio sum is not complete: step() until it returns True")
-        sums = self._sums
         by_underlying = {u: _exposure(s) for u, s in sorted(sums.items())}
         total = [0.0] * 6
         for s in sums.values():
             for i, v in enumerate(s):
                 total[i] += v
         return {
-            "as_of": self._as_of,
+            "as_of": as_of,
             "total": _exposure(total),
             "by_underlying": by_underlying,
-            "positions_without_data": self._missing,
+            "positions_without_data": missing,
         }
 
 

@@ -17,6 +17,7 @@ from normalize import bsm
 from normalize.book import SECONDS_PER_YEAR, SPEEDUPS, Book, expiry_close_ts
 from normalize.events import InstrumentUpdate, PositionsSnapshot, SessionEnded, SessionStarted
 from normalize.model import AssetClass, Right, UnifiedPosition
+from normalize.steps import advance, finish
 from normalize.symbology import occ_symbol
 
 EXPIRY = date(2026, 3, 20)
@@ -481,35 +482,34 @@ def test_the_portfolio_summed_in_steps_is_the_portfolio_and_each_step_is_bounded
     book = book_with(option(CALL, 2), option(PUT, -1), stock(100), stock(10, ticker="AAPL"))
     book.apply([update("SPY", bid=499.99, ask=500.01), update(CALL, **GREEKS), update("AAPL", last=200.0)])
     whole = book.portfolio()
-    records = len(book.portfolio_sum()._records)
+    records = len(book._instruments)
     assert records >= 4
 
-    steps = book.portfolio_sum()
-    with pytest.raises(RuntimeError):
-        steps.result()  # not complete yet
-    taken = 0
-    while not steps.step(1):
-        taken += 1
-        assert steps._i == taken  # one instrument a step, no more
-    assert taken == records - 1
-    assert steps.result() == whole
+    steps = book.portfolio_steps(1)
+    taken = 1
+    assert advance(steps) is None  # not complete yet: one instrument read
+    while (done := advance(steps)) is None:
+        taken += 1  # one instrument a step, no more
+    assert taken == records - 1  # the last step reads the last instrument and returns
+    assert done.value == whole
     assert whole["positions_without_data"] == 1  # the put: no row yet
-    assert book.portfolio_sum().step(2) is False  # 2 of 4 or more: not done
+    assert advance(book.portfolio_steps(2)) is None  # 2 of 4 or more: not done
+    assert sum(1 for _ in book.portfolio_steps(2)) == (records - 1) // 2
+    assert finish(book.portfolio_steps(3)) == whole
 
 
 def test_a_portfolio_sum_in_progress_reads_each_instrument_when_its_turn_comes() -> None:
     book = book_with(option(CALL, 2), option(PUT, -1))
     book.apply([update(CALL, **GREEKS), update(PUT, delta=-0.3, gamma=0.01, theta=-0.05, vega=0.2)])
-    steps = book.portfolio_sum()
-    steps.step(1)  # one instrument read: its row as of now
-    first = steps._records[0]
+    first = next(iter(book._instruments.values()))  # the first instrument the sum reads
+    steps = book.portfolio_steps(1)
+    assert advance(steps) is None  # one instrument read: its row as of now
     book.apply([update(CALL, delta=0.6), update(PUT, delta=-0.4)])
-    steps.step()
     # Each position counted once, from the row it had when its turn came: the call's delta 0.5
     # or 0.6 (x 2 x 100), the put's -0.3 or -0.4 (x -1 x 100).
     call = 100.0 if first is book._instruments[("ibkr", CALL)] else 120.0
     put = 30.0 if first is book._instruments[("ibkr", PUT)] else 40.0
-    total = steps.result()["total"]
+    total = finish(steps)["total"]
     assert total["positions"] == 2
     assert total["delta"] == pytest.approx(call + put)
 
