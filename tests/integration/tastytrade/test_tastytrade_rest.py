@@ -6,11 +6,21 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import pydantic
 import pytest
 import tastytrade.session
+from aiohttp import web
 
-from actors.tastytrade.rest import QUOTE_TOKEN_LIFETIME_S, QuoteToken, RestError, TastytradeRest, new_session
+from actors.tastytrade.rest import (
+    QUOTE_TOKEN_LIFETIME_S,
+    QuoteToken,
+    RestError,
+    TastytradeRest,
+    current_positions_steps,
+    new_session,
+)
 from config.settings import Secret, TastytradeSettings
+from normalize.steps import finish
 from normalize.tastytrade import map_positions
 from simulator.faults import Fault
 from simulator.market import Market, MarketConfig
@@ -95,3 +105,81 @@ def test_quote_token_refresh_time() -> None:
     assert day.refresh_at() == 1000.0 + QUOTE_TOKEN_LIFETIME_S - 3600  # an hour early at most
     short = QuoteToken(Secret("t"), "wss://x", 1000.0, 1010.0)
     assert short.refresh_at() == 1008.0  # a fifth of its lifetime early
+
+
+async def test_positions_are_what_the_sdk_call_gives(sim: TastytradeSim) -> None:
+    """Decoded with orjson and validated in steps, the positions equal the SDK's own
+    ``Account.get_positions`` on the same session, account by account."""
+    async with TastytradeRest(settings(sim), clock=time.time) as rest:
+        await rest.load_accounts()
+        ours = await rest.positions()
+        theirs = [p for a in rest.accounts for p in await a.get_positions(rest.session)]
+    assert len(ours) > 2
+    assert ours == theirs
+
+
+def _items(n: int, market: Market) -> list[dict[str, object]]:
+    """``n`` position objects as the simulator's positions endpoint writes them."""
+    sim = TastytradeSim(market, provider_secret="secret", refresh_token="refresh")  # not started
+    base = [sim._position_json(p) for p in market.positions("tastytrade")]
+    return [dict(base[i % len(base)], quantity=i + 1) for i in range(n)]
+
+
+def test_positions_steps_slice_the_items(market: Market) -> None:
+    items = _items(7, market)
+    steps = current_positions_steps({"items": items}, 3)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            rows = stop.value
+            break
+        pauses += 1
+    assert pauses == 2  # 3 + 3 + 1 items: a pause between slices, none after the last
+    assert [r.quantity for r in rows] == [i + 1 for i in range(7)]
+    assert finish(current_positions_steps({"items": []}, 3)) == []
+    assert finish(current_positions_steps({"items": items}, 0)) == rows  # a step of at least 1
+
+
+def test_bad_positions_bodies_raise_what_the_sdk_parse_raises(market: Market) -> None:
+    good = _items(2, market)
+    with pytest.raises(KeyError):
+        finish(current_positions_steps({}, 500))
+    with pytest.raises(TypeError):
+        finish(current_positions_steps({"items": {"a": 1}}, 500))
+    with pytest.raises(TypeError):
+        finish(current_positions_steps({"items": [*good, "not an object"]}, 500))
+    with pytest.raises(pydantic.ValidationError):
+        finish(current_positions_steps({"items": [*good, {"symbol": "X"}]}, 500))
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b'{"data": {"items": [', "JSONDecodeError"),
+        (b'{"data": {"items": [{"symbol": "X"}]}}', "validation error"),
+        (b'{"data": {}}', "No data present"),
+        (b'{"data": {"items": 3}}', "items is int"),
+        (b"[1, 2]", "No data present"),
+    ],
+)
+async def test_a_bad_positions_body_is_a_rest_error(sim: TastytradeSim, body: bytes, error: str) -> None:
+    async def bad(_request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/accounts/{account}/positions", bad)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with TastytradeRest(settings(sim), clock=time.time) as rest:
+            await rest.load_accounts()
+            rest.session._client.base_url = f"http://127.0.0.1:{port}"  # only positions go there
+            with pytest.raises(RestError, match=f"GET /accounts/5WT00001/positions failed: .*{error}"):
+                await rest.positions()
+    finally:
+        await runner.cleanup()
