@@ -10,8 +10,8 @@ and its fallback streamer symbol is wrong for SPXW, so the raw ``streamer-symbol
 Positions are ``Account.get_positions`` taken apart, for large accounts: the same request and
 error check on the session's client, the body decoded with ``orjson`` (the standard library's
 decoder held the event loop about 100 ms for 5,000 positions), then the SDK's own
-``CurrentPosition`` model built ``MAP_STEP_ROWS`` items at a time, the other tasks running in
-between (:func:`current_positions_steps`).
+``CurrentPosition`` model built in slices (:func:`current_positions_steps`), the other tasks
+running between them every ``actors.steps.STEP_BUDGET_S``.
 
 Failures (network, HTTP errors, unexpected bodies) become :class:`RestError`, a
 :class:`~supervisor.errors.TransientError`; an account named in ``TT_ACCOUNTS`` that the broker
