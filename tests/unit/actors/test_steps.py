@@ -48,34 +48,18 @@ def test_finish_runs_the_slices_through() -> None:
     assert log == ["slice 0", "slice 1", "last slice"]
 
 
-async def test_the_slices_run_back_to_back_until_the_budget_has_passed() -> None:
-    """A fake clock advancing 1 ms a reading: with a 2.5 ms budget, the other task runs after
-    every third reading, not after every slice."""
-    log: list[str] = []
-    now = [0.0]
+@pytest.mark.parametrize(("budget_s", "pauses"), [(0.0, 6), (0.0025, 2), (1.0, 0)])
+async def test_the_slices_run_back_to_back_until_the_budget_has_passed(budget_s: float, pauses: int) -> None:
+    """A fake clock advancing 1 ms a reading. The driver reads it once at the start, once after
+    each slice that is not the last, and once after each pause: 6 unfinished slices and a budget
+    of 2.5 ms pause after the third and the sixth reading since the last start (3 - 0 >= 2.5)."""
+    readings = [0]
 
     def clock() -> float:
-        now[0] += 0.001
-        return now[0]
+        readings[0] += 1
+        return readings[0] / 1000
 
-    async def other() -> None:
-        while True:
-            log.append("other")
-            await anyio.lowlevel.checkpoint()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(other)
-        await anyio.lowlevel.checkpoint()
-        log.clear()
-        result = await finish_in_steps(counting(log, 6), budget_s=0.0025, clock=clock)
-        tg.cancel_scope.cancel()
-
-    assert result == 60
-    # readings: 1 at the start, then one after each unfinished slice: 2, 3, 4 (4 - 1 >= 2.5:
-    # pause, restart at 5), 6, 7, 8 (pause)
-    collapsed = [e for i, e in enumerate(log) if e != "other" or log[i - 1] != "other"]
-    assert collapsed == [
-        *("slice 0", "slice 1", "slice 2", "other"),
-        *("slice 3", "slice 4", "slice 5", "other"),
-        "last slice",
-    ]
+    log: list[str] = []
+    assert await finish_in_steps(counting(log, 6), budget_s=budget_s, clock=clock) == 60
+    assert readings[0] == 1 + 6 + pauses
+    assert log == [*(f"slice {i}" for i in range(6)), "last slice"]
