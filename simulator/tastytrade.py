@@ -52,7 +52,9 @@ on every configured channel of a connection, ``BINARY_FRAME`` the next frame goe
 
 Run-time changes: quote tokens live ``quote_token_ttl_s`` (``expires-at`` says when) and an open
 connection whose token has expired gets AUTH_STATE UNAUTHORIZED (``enforce_token_expiry``);
-``market.set_positions("tastytrade", ...)`` changes the book the positions endpoint serves.
+``market.set_positions("tastytrade", ...)`` changes the book the positions endpoint serves;
+``positions_body`` (bytes, None by default) is answered instead, as it is, by the positions
+endpoint of a known account: a malformed or unexpected body, for the client's error handling.
 """
 
 from __future__ import annotations
@@ -427,6 +429,7 @@ class TastytradeSim:
         self.host = host
         self.port = port
         self.dxlink_port = dxlink_port
+        self.positions_body: bytes | None = None  # answered instead of the positions (module doc)
         self.faults = faults if faults is not None else FaultController()
         cfg = market.config
         self.schedule = schedule or UpdateSchedule(
@@ -717,6 +720,8 @@ class TastytradeSim:
         number = request.match_info["account"]
         if number not in self.market.accounts(BROKER):
             return self._error(404, "record_not_found", f"Account {number} not found")
+        if self.positions_body is not None:
+            return web.Response(body=self.positions_body, content_type="application/json")
         query = request.query
         symbol = query.get("symbol")
         underlyings = set(query.getall("underlying-symbol[]", []))

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import pydantic
 import pytest
 import tastytrade.session
-from aiohttp import web
 
 from actors.tastytrade.rest import (
     QUOTE_TOKEN_LIFETIME_S,
@@ -165,21 +164,8 @@ def test_bad_positions_bodies_raise_what_the_sdk_parse_raises(market: Market) ->
     ],
 )
 async def test_a_bad_positions_body_is_a_rest_error(sim: TastytradeSim, body: bytes, error: str) -> None:
-    async def bad(_request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="application/json")
-
-    app = web.Application()
-    app.router.add_get("/accounts/{account}/positions", bad)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with TastytradeRest(settings(sim), clock=time.time) as rest:
-            await rest.load_accounts()
-            rest.session._client.base_url = f"http://127.0.0.1:{port}"  # only positions go there
-            with pytest.raises(RestError, match=f"GET /accounts/5WT00001/positions failed: .*{error}"):
-                await rest.positions()
-    finally:
-        await runner.cleanup()
+    sim.positions_body = body  # the simulator answers it instead of the positions
+    async with TastytradeRest(settings(sim), clock=time.time) as rest:
+        await rest.load_accounts()
+        with pytest.raises(RestError, match=f"GET /accounts/5WT00001/positions failed: .*{error}"):
+            await rest.positions()
