@@ -430,7 +430,10 @@ async def connect(dsn: str, *, connect_timeout_s: float = 10.0, command_timeout:
     """A writer connection: synchronous commit on, named for ``pg_stat_activity``, taking POSIX
     seconds for ``timestamptz`` (:func:`prepare_connection`), generic plans only (the write
     statements take whole batches as array parameters: a custom plan would be planned again, the
-    arrays folded in, at every execution)."""
+    arrays folded in, at every execution), and the pages its backend writes out handed to the
+    kernel's write-back every 256 kB (``backend_flush_after``, a per-session setting any role may
+    set; on any server, as the embedded one does for all its backends: left dirty, they piled up
+    for the kernel's 30 s write-back, which every commit's WAL flush then waited behind)."""
     conn = await asyncpg.connect(
         dsn,
         timeout=connect_timeout_s,
@@ -439,6 +442,7 @@ async def connect(dsn: str, *, connect_timeout_s: float = 10.0, command_timeout:
             "synchronous_commit": "on",
             "application_name": "greeks-writer",
             "plan_cache_mode": "force_generic_plan",
+            "backend_flush_after": "256kB",
         },
     )
     try:

@@ -23,6 +23,18 @@ TS = 1_710_000_000.0000005  # a half microsecond: rounding must match datetime.f
 PATHS = pytest.mark.parametrize("copy_min_rows", [COPY_MIN_ROWS, 1], ids=["one-statement", "copy"])
 
 
+async def test_a_writer_connection_commits_durably_and_flushes_its_writes_as_it_goes(dsn: str) -> None:
+    # On whatever server DATABASE_URL names (the embedded one or TEST_DATABASE_URL's): the
+    # settings are the session's own, so they hold whatever the server's configuration says.
+    conn = await connect(dsn)
+    try:
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        assert await conn.fetchval("SHOW backend_flush_after") == "256kB"
+        assert await conn.fetchval("SHOW application_name") == "greeks-writer"
+    finally:
+        await conn.close()
+
+
 @PATHS
 @pytest.mark.parametrize("n_rows", [30, 70], ids=["flat", "nested"])  # nested: >= NEST_FROM rows
 async def test_batch_written_once_with_latest_and_exact_times(
