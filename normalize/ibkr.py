@@ -298,6 +298,21 @@ def asset_class_of(row: Mapping[str, Any], secdef: Mapping[str, Any] | None = No
     return (value or "").upper()
 
 
+def lacking_secdef_steps(
+    rows: Iterable[Mapping[str, Any]], *, step: int = 500
+) -> Generator[None, None, list[int]]:
+    """The conids (sorted, once each) of the rows that :func:`needs_secdef`, as a step generator
+    (:mod:`normalize.steps`) yielding after every ``step`` rows (0: never). Rows that are no
+    object or carry no integer conid are left out (the mapping reports them)."""
+    lacking: set[int] = set()
+    for n, row in enumerate(rows, 1):
+        if step and not n % step:
+            yield
+        if isinstance(row, Mapping) and type(row.get("conid")) is int and needs_secdef(row):
+            lacking.add(row["conid"])
+    return sorted(lacking)
+
+
 def needs_secdef(row: Mapping[str, Any]) -> bool:
     """Whether the row lacks contract details that ``/trsrv/secdef`` can fill in: an option row
     with no OCC symbol in ``contractDesc`` and a missing root, expiry, right or strike; or a row

@@ -22,7 +22,7 @@ import email.utils
 import ssl
 import time
 from collections import deque
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +32,7 @@ import anyio
 import orjson
 
 from actors.steps import MAP_STEP_ROWS, finish_in_steps
-from normalize.ibkr import MappedPositions, map_positions_steps, needs_secdef
+from normalize.ibkr import MappedPositions, lacking_secdef_steps, map_positions_steps
 from supervisor.errors import FatalError, TransientError
 
 PAGE_SIZE = 100
@@ -360,18 +360,7 @@ async def fetch_positions(rest: IbkrRest, accounts: Sequence[str], *, refresh: b
                 row["acctId"] = account
         rows.extend(account_rows)
         pages += n
-    lacking = sorted(await finish_in_steps(_lacking_secdef(rows)))
+    lacking = await finish_in_steps(lacking_secdef_steps(rows, step=MAP_STEP_ROWS))
     secdefs = await rest.secdef(lacking) if lacking else {}
     mapped = await finish_in_steps(map_positions_steps(rows, secdefs, step=MAP_STEP_ROWS))
     return PositionsFetch(mapped, len(rows), pages, len(lacking))
-
-
-def _lacking_secdef(rows: list[dict[str, Any]]) -> Generator[None, None, set[int]]:
-    """The conids of ``rows`` whose contract details are too few (``needs_secdef``), in steps."""
-    lacking: set[int] = set()
-    for n, row in enumerate(rows, 1):
-        if not n % MAP_STEP_ROWS:
-            yield
-        if type(row.get("conid")) is int and needs_secdef(row):
-            lacking.add(row["conid"])
-    return lacking

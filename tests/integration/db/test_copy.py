@@ -30,6 +30,11 @@ async def test_a_writer_connection_commits_durably_and_flushes_its_writes_as_it_
     try:
         assert await conn.fetchval("SHOW synchronous_commit") == "on"
         assert await conn.fetchval("SHOW backend_flush_after") == "256kB"
+        # set by the connection itself, not inherited from the server's configuration (the
+        # embedded server sets it too): so it holds on a server of the user's as well
+        source = "SELECT source FROM pg_settings WHERE name = $1"
+        assert await conn.fetchval(source, "backend_flush_after") == "client"
+        assert await conn.fetchval(source, "synchronous_commit") == "client"
         assert await conn.fetchval("SHOW application_name") == "greeks-writer"
     finally:
         await conn.close()

@@ -17,6 +17,7 @@ from normalize.ibkr import (
     IvScale,
     contract_from_row,
     instrument_update,
+    lacking_secdef_steps,
     map_positions,
     map_positions_steps,
     needs_secdef,
@@ -233,6 +234,22 @@ def test_rows_lacking_details_are_completed_by_secdef() -> None:
     c = contract_from_row(row, secdef)
     assert c.key == "AAPL  240105P00195000"
     assert (c.underlying, c.underlying_conid, c.multiplier) == ("AAPL", 265598, 100.0)
+
+
+@pytest.mark.parametrize("step", [0, 1, 2, 5])
+def test_the_conids_lacking_details_once_each_sorted_whatever_the_step(step: int) -> None:
+    lacking = {"acctId": "U1", "conid": 667629330, "contractDesc": "AAPL", "position": 2, "assetClass": None}
+    rows = [
+        {**lacking, "conid": 900},
+        OPTION_ROW,  # complete: left out
+        lacking,
+        {**lacking, "acctId": "U2"},  # the same contract in another account: once
+        {**lacking, "conid": "667629331"},  # no integer conid: the mapping reports it
+        "not a row",
+    ]
+    yields = sum(1 for _ in lacking_secdef_steps(rows, step=step))  # type: ignore[arg-type]
+    assert yields == (len(rows) // step if step else 0)
+    assert finish(lacking_secdef_steps(rows, step=step)) == [900, 667629330]  # type: ignore[arg-type]
 
 
 def test_option_row_without_bracket_or_root_needs_secdef() -> None:
