@@ -82,6 +82,10 @@ def _ensure_traversable(path: Path) -> None:
             parent.chmod(mode | stat.S_IXOTH)
 
 
+_PORT_ATTEMPTS = 5
+_ADDRESS_IN_USE = "Address already in use"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A currently free TCP port on ``host`` (the kernel's choice for port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -239,7 +243,21 @@ class EmbeddedServer:
                 self._pg_ctl(["stop", "-m", "fast"], timeout=60)
             else:
                 (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
-        self.port = self.requested_port or free_port(self.host)
+        # A port chosen here (no port requested) is free when chosen, not when the server binds it:
+        # another process may take it in between (a connection's source port, say). Then the
+        # server exits with "Address already in use" and another port is tried.
+        attempts = 1 if self.requested_port else _PORT_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            self.port = self.requested_port or free_port(self.host)
+            log_offset = self._log_size()
+            try:
+                self._start_on_port()
+                return
+            except EmbeddedError as exc:
+                if attempt == attempts or _ADDRESS_IN_USE not in self._log_since(log_offset):
+                    raise EmbeddedError(f"{exc}\n--- server log tail ---\n{self._log_tail()}") from None
+
+    def _start_on_port(self) -> None:
         options = f"-c listen_addresses={self.host} -p {self.port} -c unix_socket_directories=''"
         # New WAL segments are not zero-filled first (only their last byte is written): at tens of
         # thousands of rows a second the server fills a 16 MB segment about every second, and
@@ -257,10 +275,7 @@ class EmbeddedServer:
         options += " -c backend_flush_after=256kB"
         if not self.fsync:
             options += " -c fsync=off -c full_page_writes=off"
-        try:
-            self._pg_ctl(["start", "-w", "-t", "60", "-l", str(self.log_file), "-o", options])
-        except EmbeddedError as exc:
-            raise EmbeddedError(f"{exc}\n--- server log tail ---\n{self._log_tail()}") from None
+        self._pg_ctl(["start", "-w", "-t", "60", "-l", str(self.log_file), "-o", options])
 
     def stop(self) -> None:
         pid = self._read_pid()
@@ -349,6 +364,20 @@ class EmbeddedServer:
             return None, None, None
         uid, gid = _ensure_system_user(self._run_as)
         return uid, gid, []
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_file.stat().st_size
+        except OSError:
+            return 0
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self.log_file.open("rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def _log_tail(self, n: int = 30) -> str:
         try:

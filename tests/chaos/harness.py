@@ -20,11 +20,11 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,10 +36,14 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class _AddressInUse(Exception):
+    """A simulator exited because a port it was to bind was taken."""
+
+
+def _port_of(url: str) -> int:
+    port = urllib.parse.urlsplit(url).port
+    assert port, url
+    return port
 
 
 def wait_until(
@@ -78,8 +82,8 @@ class SimProcess:
     rate: float = 5.0
     seed: int = 7
     hb_interval: float = 0.5
-    port: int = field(default_factory=free_port)
-    control_port: int = field(default_factory=free_port)
+    port: int = 0  # 0 until the first start: the simulator binds port 0 and says which it got
+    control_port: int = 0
     generation: int = 0
     proc: subprocess.Popen[bytes] | None = None
     ready: dict[str, Any] = field(default_factory=dict)
@@ -87,9 +91,27 @@ class SimProcess:
     complete: list[bool] = field(default_factory=list)  # read after that generation stopped emitting
 
     SEQ_STRIDE = 1_000_000  # generation g emits seq g * STRIDE + 1, ...
+    BIND_ATTEMPTS = 5
 
     def start(self) -> None:
-        log = (self.workdir / f"sim-{self.broker}-{self.generation}.log").open("wb")
+        """Start this generation. The first binds ports the kernel picks (a port picked here and
+        handed over could be taken in between); a restart binds the same ones, and if one is
+        still held (say, as some connection's source port) tries again a few times."""
+        for attempt in range(1, self.BIND_ATTEMPTS + 1):
+            try:
+                self._start_once()
+                break
+            except _AddressInUse:
+                if attempt == self.BIND_ATTEMPTS:
+                    raise AssertionError(
+                        f"{self.broker} simulator: port still in use after {attempt} tries\n{self.log_tail()}"
+                    ) from None
+                time.sleep(0.2 * attempt)
+        self.ledgers.append({})
+        self.complete.append(False)
+
+    def _start_once(self) -> None:
+        log = self.log_path.open("wb")
         args = [
             sys.executable,
             "-m",
@@ -117,38 +139,60 @@ class SimProcess:
             stderr=subprocess.STDOUT,
         )
         log.close()
+        ready = wait_until(f"{self.broker} simulator ready", self._ready_line, 30, context=self.log_tail)
+        self.port = _port_of(ready["tastytrade_api" if self.broker == "tastytrade" else "ibkr_rest"])
+        self.control_port = _port_of(ready["control"])
         wait_until(f"{self.broker} simulator up", self._answers, 30, context=self.log_tail)
-        self.ledgers.append({})
-        self.complete.append(False)
+
+    def _ready_line(self) -> dict[str, Any] | None:
+        """The simulator's ``simulators_ready`` log line, once written (it names the bound ports)."""
+        self._check_running()
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict) and doc.get("event") == "simulators_ready":
+                    return doc
+        return None
+
+    def _check_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log_tail()
+            if "address already in use" in tail:
+                raise _AddressInUse(tail)
+            raise AssertionError(f"{self.broker} simulator exited:\n{tail}")
 
     def _answers(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"{self.broker} simulator exited:\n{self.log_tail()}")
+        self._check_running()
         try:
             http_json(f"{self.control}/stats")
         except OSError:
             return False
         return True
 
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"sim-{self.broker}-{self.generation}.log"
+
     def log_tail(self) -> str:
-        path = self.workdir / f"sim-{self.broker}-{self.generation}.log"
         try:
-            return path.read_text(errors="replace")[-3000:]
+            return self.log_path.read_text(errors="replace")[-3000:]
         except OSError:
             return ""
 
     @property
     def control(self) -> str:
+        assert self.control_port, f"{self.broker} simulator not started yet: its ports are not known"
         return f"http://127.0.0.1:{self.control_port}"
 
     @property
     def base_url(self) -> str:
+        assert self.port, f"{self.broker} simulator not started yet: its ports are not known"
         return f"http://127.0.0.1:{self.port}"
 
     def read_ledger(self, *, final: bool = False) -> dict[str, Any]:
         """The current generation's ledger (kept: a killed process takes its own with it).
         ``final``: nothing is emitted any more (the engine has stopped), so the ledger is whole."""
-        ledger = http_json(f"{self.control}/ledger")
+        ledger: dict[str, Any] = http_json(f"{self.control}/ledger")
         self.ledgers[-1] = ledger
         self.complete[-1] = final
         return ledger
@@ -189,6 +233,8 @@ class EngineProcess:
 
     workdir: Path
     env: dict[str, str]
+    ibkr: SimProcess | None = None
+    tastytrade: SimProcess | None = None
     proc: subprocess.Popen[bytes] | None = None
     statuses: list[tuple[float, str]] = field(default_factory=list)  # (time, status) transitions
     runs: int = 0
@@ -216,21 +262,25 @@ class EngineProcess:
             "BROKERS": ",".join(b for b, s in (("ibkr", ibkr), ("tastytrade", tastytrade)) if s is not None),
         }
         if ibkr is not None:
-            env |= {
-                "IBKR_GATEWAY_URL": ibkr.base_url,
-                "IBKR_HB_TIMEOUT_S": "3",
-                "IBKR_TIC_INTERVAL_S": "5",
-            }
+            env |= {"IBKR_HB_TIMEOUT_S": "3", "IBKR_TIC_INTERVAL_S": "5"}
         if tastytrade is not None:
             env |= {
                 "TT_CLIENT_SECRET": "chaos-secret",
                 "TT_REFRESH_TOKEN": "chaos-refresh",
-                "TT_API_URL": tastytrade.base_url,
                 "TT_KEEPALIVE_S": "1",
                 "TT_STALE_S": "3",
                 "TT_HANDSHAKE_TIMEOUT_S": "5",
             }
-        return cls(workdir, env | extra)
+        return cls(workdir, env | extra, ibkr=ibkr, tastytrade=tastytrade)
+
+    def broker_urls(self) -> dict[str, str]:
+        """Where the simulators are: known once they have started (they pick their ports)."""
+        urls = {}
+        if self.ibkr is not None:
+            urls["IBKR_GATEWAY_URL"] = self.ibkr.base_url
+        if self.tastytrade is not None:
+            urls["TT_API_URL"] = self.tastytrade.base_url
+        return urls
 
     @property
     def status_file(self) -> Path:
@@ -244,7 +294,11 @@ class EngineProcess:
         self.runs += 1
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "run.py"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "run.py"],
+            cwd=ROOT,
+            env=self.broker_urls() | self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         self._stop_sampling.clear()

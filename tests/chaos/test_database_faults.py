@@ -18,7 +18,6 @@ from tests.chaos.harness import (
     EngineProcess,
     SimProcess,
     check_ledger,
-    free_port,
     history,
     running,
     wait_until,
@@ -27,7 +26,7 @@ from tests.chaos.harness import (
 
 def external_server(path: Path) -> tuple[EmbeddedServer, str]:
     """A PostgreSQL the test owns (the engine gets it as DATABASE_URL and never starts it)."""
-    server = EmbeddedServer(path, free_port())
+    server = EmbeddedServer(path)
     server.start()
     server.requested_port = server.port
     anyio.run(ensure_database, server.dsn(), "chaos")

@@ -13,7 +13,7 @@ import asyncpg
 
 from config.settings import DatabaseSettings
 from db.embedded import EmbeddedServer, database, ensure_database
-from tests.chaos.harness import EngineProcess, SimProcess, check_ledger, free_port, history, running
+from tests.chaos.harness import EngineProcess, SimProcess, check_ledger, history, running
 
 
 async def _read_back(var: Path) -> list[asyncpg.Record]:
@@ -123,7 +123,7 @@ def test_a_flood_of_malformed_frames_on_both_feeds(
 
 
 def test_a_database_too_slow_for_the_tick_rate_conflates_with_bounded_memory(tmp_path: Path) -> None:
-    server = EmbeddedServer(tmp_path / "pg", free_port())
+    server = EmbeddedServer(tmp_path / "pg")
     server.start()
     server.requested_port = server.port
     anyio.run(ensure_database, server.dsn(), "chaos")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import asyncpg
 import pytest
 
 from config.settings import DatabaseSettings, Secret
-from db.embedded import EmbeddedError, EmbeddedServer, database, keep_alive, open_database
+from db import embedded
+from db.embedded import EmbeddedError, EmbeddedServer, database, free_port, keep_alive, open_database
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -159,3 +161,34 @@ async def test_keep_alive_restarts_a_killed_server_on_the_same_port(tmp_path: Pa
             tg.cancel_scope.cancel()
     assert events[:1] == ["embedded_db_down"]
     assert "embedded_db_restarted" in events
+
+
+async def test_a_chosen_port_taken_before_the_server_binds_it_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race: a port is free when chosen and taken (here: held listening) when the server binds.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        held = int(taken.getsockname()[1])
+        choices = iter([held])  # the first choice is the taken port, then the kernel's
+        monkeypatch.setattr(
+            embedded, "free_port", lambda host="127.0.0.1": next(choices, 0) or free_port(host)
+        )
+        server = EmbeddedServer(tmp_path / "pg", fsync=False)
+        try:
+            server.start()
+            assert server.port != held
+            assert server.is_running()
+            assert "Address already in use" in server.log_file.read_text()
+            conn = await asyncpg.connect(server.dsn())
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+        finally:
+            server.stop()
+
+        # A port asked for is kept: taken, it is an error naming the cause, not another port.
+        pinned = EmbeddedServer(tmp_path / "pg", held, fsync=False)
+        with pytest.raises(EmbeddedError, match="Address already in use"):
+            pinned.start()
+        assert not pinned.is_running()
