@@ -86,7 +86,7 @@ class SimProcess:
     control_port: int = 0
     generation: int = 0
     proc: subprocess.Popen[bytes] | None = None
-    ready: dict[str, Any] = field(default_factory=dict)
+    ready: dict[str, Any] = field(default_factory=dict)  # the last start's simulators_ready line
     ledgers: list[dict[str, Any]] = field(default_factory=list)  # one per generation, last read
     complete: list[bool] = field(default_factory=list)  # read after that generation stopped emitting
 
@@ -139,10 +139,10 @@ class SimProcess:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        ready = wait_until(f"{self.broker} simulator ready", self._ready_line, 30, context=self.log_tail)
-        self.port = _port_of(ready["tastytrade_api" if self.broker == "tastytrade" else "ibkr_rest"])
-        self.control_port = _port_of(ready["control"])
-        wait_until(f"{self.broker} simulator up", self._answers, 30, context=self.log_tail)
+        # Written once every server of the process listens, the control plane included.
+        self.ready = wait_until(f"{self.broker} simulator ready", self._ready_line, 30, context=self.log_tail)
+        self.port = _port_of(self.ready["tastytrade_api" if self.broker == "tastytrade" else "ibkr_rest"])
+        self.control_port = _port_of(self.ready["control"])
 
     def _ready_line(self) -> dict[str, Any] | None:
         """The simulator's ``simulators_ready`` log line, once written (it names the bound ports)."""
@@ -160,14 +160,6 @@ class SimProcess:
             if "address already in use" in tail:
                 raise _AddressInUse(tail)
             raise AssertionError(f"{self.broker} simulator exited:\n{tail}")
-
-    def _answers(self) -> bool:
-        self._check_running()
-        try:
-            http_json(f"{self.control}/stats")
-        except OSError:
-            return False
-        return True
 
     @property
     def log_path(self) -> Path:
