@@ -261,8 +261,7 @@ class Bench:
             # every row's commit time, server side (pg_xact_commit_timestamp): one latency method
             # for every contestant, beside their own (it is taken before the WAL flush)
             asyncio.run(_execute(self.admin_dsn, "ALTER SYSTEM SET track_commit_timestamp = on"))
-            self.server.requested_port = self.server.port
-            self.server.stop()
+            self.server.stop()  # started again on the port it bound
             self.server.start()
             self.admin_dsn = self.server.dsn()
         return self

@@ -154,7 +154,9 @@ def write_password(path: Path, password: str, *, user: str = SUPERUSER) -> None:
 
 
 class EmbeddedServer:
-    """One PostgreSQL cluster in ``pgdata``, listening on 127.0.0.1:``port`` (0: pick a free one).
+    """One PostgreSQL cluster in ``pgdata``, listening on 127.0.0.1:``port`` (0: pick a free one;
+    once bound, it is kept: a later ``start()``, after a stop or a crash, uses the same port, so a
+    DSN handed out stays valid).
 
     ``start()`` runs ``initdb`` when the directory is new, removes a stale ``postmaster.pid``
     (dead PID, or a PID reused by another program), adopts a live orphan postmaster left by a killed
@@ -238,6 +240,7 @@ class EmbeddedServer:
         pid = self._read_pid()
         if pid is not None:
             if _is_postmaster_for(pid, self.pgdata) and self._adopt():
+                self.requested_port = self.port
                 return
             if _is_postmaster_for(pid, self.pgdata):
                 self._pg_ctl(["stop", "-m", "fast"], timeout=60)
@@ -252,6 +255,7 @@ class EmbeddedServer:
             log_offset = self._log_size()
             try:
                 self._start_on_port()
+                self.requested_port = self.port  # kept for restarts: a DSN handed out stays valid
                 return
             except EmbeddedError as exc:
                 if attempt == attempts or _ADDRESS_IN_USE not in self._log_since(log_offset):
@@ -487,7 +491,6 @@ async def open_database(settings: DatabaseSettings) -> AsyncIterator[Database]:
     server = EmbeddedServer(settings.embedded_dir, settings.embedded_port)
     await anyio.to_thread.run_sync(server.start)
     try:
-        server.requested_port = server.port  # a restart (after a crash) keeps the DSN valid
         await ensure_password_auth(server)
         await ensure_database(server.dsn(), settings.name)
         yield Database(server.dsn(settings.name), server.host, server.port, settings.name, server)

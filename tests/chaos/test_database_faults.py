@@ -28,7 +28,6 @@ def external_server(path: Path) -> tuple[EmbeddedServer, str]:
     """A PostgreSQL the test owns (the engine gets it as DATABASE_URL and never starts it)."""
     server = EmbeddedServer(path)
     server.start()
-    server.requested_port = server.port
     anyio.run(ensure_database, server.dsn(), "chaos")
     return server, server.dsn("chaos")
 

@@ -125,7 +125,6 @@ def test_a_flood_of_malformed_frames_on_both_feeds(
 def test_a_database_too_slow_for_the_tick_rate_conflates_with_bounded_memory(tmp_path: Path) -> None:
     server = EmbeddedServer(tmp_path / "pg")
     server.start()
-    server.requested_port = server.port
     anyio.run(ensure_database, server.dsn(), "chaos")
     dsn = server.dsn("chaos")
     ibkr = SimProcess("ibkr", tmp_path, rate=40)

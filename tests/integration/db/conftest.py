@@ -48,8 +48,7 @@ def pg() -> Iterator[PgTarget]:
     root.chmod(root.stat().st_mode | stat.S_IXOTH | stat.S_IROTH)
     # fsync off: throwaway cluster; synchronous_commit semantics are unchanged for the code.
     server = EmbeddedServer(root / "data", 0, fsync=False)
-    server.start()
-    server.requested_port = server.port  # restarts in outage tests keep the port
+    server.start()  # restarts in outage tests keep the port it bound
     try:
         yield PgTarget(server.dsn(), server)
     finally:

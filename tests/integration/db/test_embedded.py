@@ -192,3 +192,18 @@ async def test_a_chosen_port_taken_before_the_server_binds_it_is_replaced(
         with pytest.raises(EmbeddedError, match="Address already in use"):
             pinned.start()
         assert not pinned.is_running()
+
+
+def test_a_picked_port_is_kept_for_restarts(tmp_path: Path) -> None:
+    # Every DSN handed out names the port: a restart (keep_alive's, an outage test's) must reuse it.
+    server = EmbeddedServer(tmp_path / "pg", fsync=False)
+    server.start()
+    try:
+        first = server.port
+        assert first != 0
+        server.stop()
+        server.start()
+        assert server.port == first
+        assert server.is_running()
+    finally:
+        server.stop()
